@@ -1,0 +1,36 @@
+# The two commands of the README:  `make demo`  (the embedded default)  and  `make test`  (the suite).
+# Both create .venv from the pinned requirements on first use, so they work on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench-verifier clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest tests --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python -m megatron_oreal train examples/tiny/oreal.yaml
+
+bench-verifier: venv
+	$(BIN)/pip install -q -r requirements-bench.txt
+	$(BIN)/python tools/bench_verifier.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
