@@ -1,0 +1,93 @@
+import textwrap
+
+import pytest
+
+from megatron_oreal.config import ConfigError, RunConfig, load_config, parse_override
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_are_the_oreal_7b_recipe():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.data.prompts_per_step, cfg.rollout.sampling.n) == (64, 16)
+    assert (cfg.policy.optim.lr, cfg.policy.optim.min_lr) == (5e-7, 1e-7)
+    assert (cfg.token_rm.optim.lr, cfg.token_rm.optim.min_lr) == (2e-6, 4e-7)
+    assert (cfg.algo.negative_loss_factor, cfg.algo.kl_coef, cfg.algo.actor_freeze_steps) == (0.5, 0.01, 10)
+    assert cfg.rollout.sampling.top_p == 0.9 and cfg.rollout.sampling.top_k == 0
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        steps: 5
+        rollout:
+          sampling: {n: 4, temperature: 0.7}
+        policy:
+          optim: {lr: 3e-5}
+        """,
+    )
+    cfg = load_config(path, ["run_dir=/tmp/x", "rollout.sampling.n=8", "policy.optim.min_lr=1e-6", "algo.selection=all"])
+    assert cfg.steps == 5 and cfg.run_dir == "/tmp/x"
+    assert cfg.rollout.sampling.n == 8 and cfg.rollout.sampling.temperature == 0.7
+    assert cfg.policy.optim.lr == 3e-5 and cfg.policy.optim.min_lr == 1e-6
+    assert cfg.algo.selection == "all"
+    # Sections not mentioned keep their own defaults (the RM's LR differs from the policy's).
+    assert cfg.token_rm.optim.lr == 2e-6
+
+
+def test_unknown_key_names_file_key_and_suggests(tmp_path):
+    path = write(tmp_path, "rollout:\n  samplng: {n: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "rollout.samplng" in msg and "did you mean 'sampling'" in msg
+
+
+def test_unknown_override_key_suggests():
+    with pytest.raises(ConfigError, match=r"algo\.kl_coeff.*did you mean 'kl_coef'"):
+        load_config(None, ["algo.kl_coeff=0.1"])
+
+
+def test_wrong_types_are_rejected():
+    with pytest.raises(ConfigError, match=r"steps: expected an integer"):
+        load_config(None, ["steps=ten"])
+    with pytest.raises(ConfigError, match=r"token_rm\.enabled: expected true/false"):
+        load_config(None, ["token_rm.enabled=3"])
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.stop_token_ids: expected a list"):
+        load_config(None, ["rollout.sampling.stop_token_ids=5"])
+
+
+def test_bad_choice_suggests():
+    with pytest.raises(ConfigError, match=r"algo\.advantage: 'rlo' is not one of .*did you mean 'rloo'"):
+        load_config(None, ["algo.advantage=rlo"])
+
+
+def test_value_checks():
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.n: RLOO needs at least 2"):
+        load_config(None, ["rollout.sampling.n=1"])
+    with pytest.raises(ConfigError, match=r"data\.prompts_per_step: must be > 0"):
+        load_config(None, ["data.prompts_per_step=0"])
+    with pytest.raises(ConfigError, match=r"top_p"):
+        load_config(None, ["rollout.sampling.top_p=1.5"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "steps: 3\nrollout:\n  sampling: {n: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "line" in str(err.value) and "malformed YAML" in str(err.value)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("steps")
+    with pytest.raises(ConfigError, match="steps: expected an integer"):
+        load_config(None, ["steps.x=1"])
