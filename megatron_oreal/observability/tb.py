@@ -1,0 +1,107 @@
+"""TensorBoard scalars (rank 0 only) and the one-line console progress report.
+
+Metric names are flat `group/name` strings (`time/rollout`, `loss/positive`, `reward/mean`, ...) so
+TensorBoard groups them by prefix, as slime (`perf/*`) and verl (`timing_s/*`) do (peer_systems.md §5).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import Mapping
+
+
+class MetricsWriter:
+    """Thin wrapper over `torch.utils.tensorboard.SummaryWriter`.
+
+    A no-op unless `enabled` and `rank == 0`: other ranks may call it freely, so the loop needs no
+    `if rank == 0` around logging. Non-scalar and non-finite values are skipped (a NaN loss is still
+    printed on the console, where someone will see it).
+    """
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True, rank: int = 0) -> None:
+        self.active = bool(enabled) and rank == 0
+        self._writer = None
+        if self.active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, step: int, metrics: Mapping[str, object]) -> int:
+        """Write every finite scalar of `metrics` at `step`; returns how many were written."""
+        if self._writer is None:
+            return 0
+        n = 0
+        for key, value in metrics.items():
+            if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+                value = value.item()  # 0-d tensors / numpy scalars
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            self._writer.add_scalar(key, float(value), global_step=step)
+            n += 1
+        return n
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def format_duration(seconds: float) -> str:
+    """12 -> '12s', 754 -> '12m34s', 9000 -> '2h30m'."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+# (metric key, console label, format). Only keys present in the metrics are printed.
+CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("reward/mean", "reward", "{:+.3f}"),
+    ("reward/pass_rate", "pass", "{:.1%}"),
+    ("loss/positive", "L+", "{:.4f}"),
+    ("loss/negative", "L-", "{:.4f}"),
+    ("loss/kl", "Lkl", "{:.4f}"),
+    ("loss/token_rm", "Lrm", "{:.4f}"),
+    ("kl/ref", "kl", "{:.4f}"),
+    ("tokens/s", "tok/s", "{:.0f}"),
+    ("mfu", "mfu", "{:.1%}"),
+)
+
+
+def console_line(step: int, total_steps: int, metrics: Mapping[str, float],
+                 mean_step_s: float | None = None) -> str:
+    """One progress line per step, e.g.
+
+    `step 12/90 | reward +0.125 | pass 56.2% | L+ 0.4100 | ... | 41.2 s/step | ETA 53m33s`
+
+    `step` is 1-based (steps done). The ETA uses `mean_step_s` (a running mean the caller keeps) or,
+    without it, this step's `time/step`.
+    """
+    width = len(str(total_steps))
+    parts = [f"step {step:>{width}}/{total_steps}"]
+    for key, label, fmt in CONSOLE_FIELDS:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        try:
+            parts.append(f"{label} {fmt.format(float(value))}")
+        except (TypeError, ValueError):
+            continue
+    step_s = mean_step_s if mean_step_s is not None else metrics.get("time/step")
+    if step_s is not None:
+        parts.append(f"{float(step_s):.1f} s/step")
+        parts.append(f"ETA {format_duration(float(step_s) * max(total_steps - step, 0))}")
+    return " | ".join(parts)

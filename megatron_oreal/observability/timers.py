@@ -1,0 +1,104 @@
+"""Per-stage wall-clock timers and peak memory for the training loop.
+
+    timer = StageTimer()
+    with timer.stage("rollout"):
+        ...
+    metrics = timer.step_end()   # {"time/rollout": 12.3, ..., "time/step": 40.1, "memory/peak_gb": 61.0}
+
+On GPUs each stage is bracketed by `torch.cuda.synchronize()` (kernels are asynchronous: without it a
+stage would be charged for the previous stage's queued work) and an NVTX range of the same name, so an
+Nsight Systems timeline shows the loop's stages (peer_systems.md §5: slime/verl/NeMo-RL all do this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+import torch
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def peak_memory_gb(reset: bool = False) -> float:
+    """CUDA max allocated on this rank's device when CUDA is in use, else this process's resident set."""
+    if _cuda():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+    import psutil
+
+    info = psutil.Process().memory_info()
+    # ru_maxrss would be the true peak, but it never resets; RSS now is the honest per-step figure.
+    return info.rss / 2**30
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range on GPUs (visible in nsys), nothing on the CPU."""
+    if not _cuda():
+        yield
+        return
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+
+
+class StageTimer:
+    """Accumulates seconds per stage within a step; `step_end()` returns them and starts a new step.
+
+    A stage entered twice in one step (e.g. two forward passes timed as "forward") accumulates.
+    `sync` defaults to synchronising only when CUDA is in use; `clock` is injectable for tests.
+    """
+
+    def __init__(self, sync: bool | None = None, clock: Callable[[], float] = time.perf_counter,
+                 track_memory: bool = True) -> None:
+        self._sync = sync
+        self._clock = clock
+        self._track_memory = track_memory
+        self._times: OrderedDict[str, float] = OrderedDict()
+        self._active: list[str] = []
+        self._step_start = clock()
+
+    def _synchronize(self) -> None:
+        if (self._sync if self._sync is not None else _cuda()) and _cuda():
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if name in self._active:
+            raise RuntimeError(f"StageTimer: stage {name!r} entered while already running (nested twice)")
+        self._synchronize()
+        self._active.append(name)
+        start = self._clock()
+        try:
+            with nvtx_range(name):
+                yield
+                self._synchronize()
+        finally:
+            self._times[name] = self._times.get(name, 0.0) + (self._clock() - start)
+            self._active.remove(name)
+
+    def elapsed(self, name: str) -> float:
+        return self._times.get(name, 0.0)
+
+    def step_end(self) -> dict[str, float]:
+        """Metrics of the finished step: `time/<stage>`, `time/step` (wall, including untimed gaps),
+        `memory/peak_gb` (then the CUDA peak is reset so the next step reports its own)."""
+        if self._active:
+            raise RuntimeError(f"StageTimer.step_end() inside stage(s) {self._active}")
+        now = self._clock()
+        out = {f"time/{k}": v for k, v in self._times.items()}
+        out["time/step"] = now - self._step_start
+        if self._track_memory:
+            out["memory/peak_gb"] = peak_memory_gb(reset=True)
+        self._times = OrderedDict()
+        self._step_start = now
+        return out
