@@ -1,0 +1,279 @@
+"""Is a predicted answer the same as the gold one? Structure first, then scalars.
+
+Policy (the choices a grader has to make, written down once):
+- Numbers are exact `Fraction`s: 10000 != 10001, 28 != 2800, 10^-20 != 10^-21. No ref*100 / ref/100
+  guessing (Qwen's grader does that); a `%` on either side is the only scaling: 25% == 25 == 0.25.
+- Tolerance only where the gold writes a rounded decimal: gold with d fraction digits accepts a
+  prediction that rounds to it (|pred - gold| <= 0.5*10^-d) provided the prediction is more precise
+  (more digits, or an exact form such as 1/3, \\pi, \\sqrt 2). Gold 3.14 takes 3.1416 and \\pi but not
+  3.1 or 3.15; gold 0.33 takes 1/3. A gold integer or fraction takes no tolerance at all.
+- `(a, b)` is a tuple or an open interval: either way compared in order with matching brackets.
+  `\\{...\\}` and bare comma lists (`1, 2`) are unordered; `\\cup` unions are unordered.
+- A single-row or single-column matrix equals the tuple of its entries.
+- `x = 5` equals `5` (a lone symbol on the left); two equations are equal when their sides'
+  differences are proportional. Inequalities in one variable become intervals.
+- Base-n gold (`1011_2`) wants the same digits (subscript optional) or the same value in another
+  written base; a decimal value alone is wrong (it is usually the question's number).
+- A gold letter A-E (or `(A)`) is a multiple-choice answer: only the predicted letter counts.
+- Prose gold (words, no maths) is compared case- and punctuation-insensitively.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from megatron_oreal.reward.normalize import (
+    MAX_ANSWER_CHARS,
+    Num,
+    clean,
+    compact,
+    parse_base,
+    parse_choice,
+    parse_number,
+    plain_text,
+    strip_text,
+)
+
+_OPEN = "([{"
+_CLOSE = ")]}"
+_MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\end\{\1\}$", re.S)
+_RELATION_RE = re.compile(r"\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|<=|>=|≤|≥|<|>")
+_OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|\\(?:quad|qquad)|;")
+_VAR = r"[a-zA-Z](?:_\{?\w+\}?)?"
+
+
+def split_top(s: str, sep: str) -> list[str]:
+    """Split on `sep` outside (), [], {} (and `\\{ \\}`); unbalanced input is split as far as seen."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\" and i + 1 < len(s) and s[i + 1] in "{}":  # `\{ \}` group like braces
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            i += len(sep)
+            start = i
+            continue
+        i += 1
+    parts.append(s[start:])
+    return [p.strip() for p in parts]
+
+
+def _wrapped(s: str, left: str, right: str) -> bool:
+    """True when s is left ... right with the outer pair matching each other (not `(1)+(2)`)."""
+    if not (s.startswith(left) and s.endswith(right)) or len(s) < len(left) + len(right):
+        return False
+    inner = s[len(left) : len(s) - len(right)]
+    depth = 0
+    for ch in inner:
+        depth += (ch in _OPEN) - (ch in _CLOSE)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _matrix(s: str) -> list[list[str]] | None:
+    m = _MATRIX_RE.match(s)
+    if not m:
+        return None
+    rows = [r for r in (row.strip() for row in m.group(2).split("\\\\")) if r]
+    return [split_top(row, "&") for row in rows]
+
+
+def _interval(s: str) -> tuple[str, str, str, str] | None:
+    """(open bracket, lo, hi, close bracket) for `[a, b)`-like text."""
+    if len(s) < 5 or s[0] not in "([" or s[-1] not in ")]":
+        return None
+    parts = split_top(s[1:-1], ",")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return s[0], parts[0], parts[1], s[-1]
+
+
+def _inequality_intervals(s: str) -> list[tuple[str, str, str, str]] | None:
+    """`x > 3`, `-1 \\le x < 2`, `x<0 or x>1` -> intervals; None if not a one-variable inequality."""
+    out = []
+    for piece in _OR_RE.split(s):
+        piece = piece.strip()
+        ops = _RELATION_RE.findall(piece)
+        sides = [p.strip() for p in _RELATION_RE.split(piece)]
+        if not ops or len(sides) > 3 or not all(sides):
+            return None
+        less = [op in ("<", "<=", "≤") or op.startswith(("\\le", "\\lt")) for op in ops]
+        strict = [op in ("<", ">", "\\lt", "\\gt") for op in ops]
+        if len(sides) == 2:
+            var_left = re.fullmatch(_VAR, sides[0]) is not None
+            if not var_left and not re.fullmatch(_VAR, sides[1]):
+                return None
+            bound, up = (sides[1], less[0]) if var_left else (sides[0], not less[0])
+            if up:
+                out.append(("(", "-\\infty", bound, ")" if strict[0] else "]"))
+            else:
+                out.append(("(" if strict[0] else "[", bound, "\\infty", ")"))
+        else:
+            if not re.fullmatch(_VAR, sides[1]) or less[0] != less[1]:
+                return None
+            lo, hi, s_lo, s_hi = sides[0], sides[2], strict[0], strict[1]
+            if not less[0]:
+                lo, hi, s_lo, s_hi = hi, lo, s_hi, s_lo
+            out.append(("(" if s_lo else "[", lo, hi, ")" if s_hi else "]"))
+    return out
+
+
+def _intervals(s: str) -> list[tuple[str, str, str, str]] | None:
+    parts = split_top(s, "\\cup")
+    got = [_interval(p) for p in parts]
+    if all(got) and (len(parts) > 1 or "\\infty" in s or s[0] != "(" or s[-1] != ")"):
+        return got  # a lone `(a, b)` is left to the tuple path; same comparison anyway
+    return _inequality_intervals(s) if _RELATION_RE.search(s) else None
+
+
+def _unordered(pred: list[str], gold: list[str], eq) -> bool:
+    """Multiset match by greedy pairing (answers are short lists, so O(n^2) is fine)."""
+    if len(pred) != len(gold):
+        return False
+    left = list(pred)
+    for g in gold:
+        hit = next((i for i, p in enumerate(left) if eq(p, g)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
+def _ordered(pred: list, gold: list, eq) -> bool:
+    return len(pred) == len(gold) and all(eq(p, g) for p, g in zip(pred, gold))
+
+
+def _interval_equal(p, g) -> bool:
+    return p[0] == g[0] and p[3] == g[3] and scalar_equal(p[1], g[1]) and scalar_equal(p[2], g[2])
+
+
+def _items(s: str) -> tuple[str, list[str]] | None:
+    """('set'|'tuple'|'list', items) for `\\{a, b\\}`, `(a, b, c)`/`[a, b]`, `a, b` / `a or b`."""
+    if _wrapped(s, "\\{", "\\}"):
+        return "set", [x for x in split_top(s[2:-2], ",") if x]
+    for left, right in (("(", ")"), ("[", "]"), ("\\langle", "\\rangle")):
+        if _wrapped(s, left, right):
+            inner = split_top(s[len(left) : len(s) - len(right)], ",")
+            if len(inner) > 1:
+                return "tuple" + left, inner
+    parts = [p for p in split_top(s, ",") if p]
+    if len(parts) == 1 and s.count("\\pm") == 1:  # `1 \pm \sqrt 2` is the list of both roots
+        parts = [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
+    if len(parts) == 1:
+        parts = [p.strip() for p in _OR_RE.split(s) if p.strip()]
+    return ("list", parts) if len(parts) > 1 else None
+
+
+_PROSE_WORDS = {"yes", "no", "none", "true", "false", "odd", "even", "neither", "both", "all"}
+
+
+def _is_prose(s: str) -> bool:
+    """Words and no maths: `\\text{Evelyn}`, `no solution`. Short letter runs are variables."""
+    t = strip_text(s).strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z' -]*[A-Za-z]", t):
+        return False
+    return " " in t or len(t) > 3 or "\\text" in s or t.lower() in _PROSE_WORDS
+
+
+def _numbers_equal(p: Num, g: Num) -> bool:
+    if p.percent == g.percent or p.value == g.value:  # 25% vs 25%, or 25 vs 25%
+        if p.value == g.value:
+            return True
+    elif (p.value / 100 if p.percent else p.value) == (g.value / 100 if g.percent else g.value):
+        return True  # 25% vs 0.25
+    return g.decimals is not None and _rounds_to(p.value, p.decimals, g)
+
+
+def _rounds_to(value: Fraction, decimals: int | None, g: Num) -> bool:
+    """The rounded-decimal gold rule (module docstring): more precise and within half a unit."""
+    if decimals is not None and decimals <= g.decimals:
+        return False
+    return abs(value - g.value) <= Fraction(1, 2 * 10**g.decimals)
+
+
+def _base_equal(p: str, gold: tuple[str, int]) -> bool:
+    digits, base = gold
+    pb = parse_base(p)
+    if pb is not None:
+        return pb == gold or int(pb[0], pb[1]) == int(digits, base)
+    bare = compact(p).upper().lstrip("0") or "0"
+    return bare == digits
+
+
+def scalar_equal(pred: str, gold: str) -> bool:
+    """One answer against one answer, with no list/set structure left to split."""
+    p, g = clean(pred), clean(gold)
+    if not p or not g:
+        return False
+    if compact(p) == compact(g):
+        return True
+    if (letter := parse_choice(g, strict=True)) is not None:
+        return parse_choice(p, strict=False) == letter
+    if (base := parse_base(g)) is not None:
+        return _base_equal(p, base)
+    pn, gn = parse_number(p), parse_number(g)
+    if pn is not None and gn is not None:
+        return _numbers_equal(pn, gn)
+    if _is_prose(g) or _is_prose(p):
+        return plain_text(p) == plain_text(g)
+    p, g = p.replace("%", ""), g.replace("%", "")  # both sides written as percentages
+    from megatron_oreal.reward.symbolic import sympy_equal  # lazy: sympy costs ~0.5 s to import
+
+    return sympy_equal(p, g, gn.decimals if gn is not None else None)
+
+
+def answers_equal(pred: str, gold: str) -> bool:
+    """Full comparison: matrices, interval unions, inequalities, sets, tuples, lists, scalars."""
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    p, g = clean(pred), clean(gold)
+    if compact(p) == compact(g):
+        return True
+    if _is_prose(g):
+        return plain_text(p) == plain_text(g)
+    if parse_number(g) is not None:  # `1,000` is a number, not a list
+        return scalar_equal(p, g)
+    gm, pm = _matrix(g), _matrix(p)
+    if gm is not None or pm is not None:
+        return _matrix_equal(pm, gm, p, g)
+    gi = _intervals(g)
+    if gi is None and _RELATION_RE.search(p) and _interval(g) is not None:
+        gi = [_interval(g)]  # gold `(a, b)` against `a < x < b`: read the gold as an interval
+    if gi is not None:
+        pi = _intervals(p)
+        return pi is not None and _unordered(pi, gi, _interval_equal)
+    gs = _items(g)
+    if gs is not None:
+        ps = _items(p)
+        if ps is None:
+            return False
+        kind_g, kind_p = gs[0], ps[0]
+        if kind_g.startswith("tuple") or kind_p.startswith("tuple"):
+            # a bare `1, 2` may stand for the tuple `(1, 2)`; two different brackets may not
+            same = kind_g == kind_p or "list" in (kind_g, kind_p)
+            return same and _ordered(ps[1], gs[1], answers_equal)
+        return _unordered(ps[1], gs[1], answers_equal)
+    if _items(p) is not None and parse_number(p) is None:
+        return False  # a list or tuple against a single gold value
+    return scalar_equal(p, g)
+
+
+def _matrix_equal(pm, gm, p: str, g: str) -> bool:
+    if pm is None or gm is None:
+        # a row/column vector written as a tuple
+        rows, other = (pm, g) if pm is not None else (gm, p)
+        flat = [c for row in rows for c in row] if rows and (len(rows) == 1 or all(len(r) == 1 for r in rows)) else None
+        items = _items(other)
+        if flat is None or items is None or not items[0].startswith("tuple"):
+            return False
+        return _ordered(flat if pm is not None else items[1], items[1] if pm is not None else flat, answers_equal)
+    return len(pm) == len(gm) and all(_ordered(rp, rg, answers_equal) for rp, rg in zip(pm, gm))
