@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megatron_oreal.observability.flops import GpuSpec, ModelArch, forward_flops_per_token, peak_flops
+from megatron_oreal.observability.flops import (GpuSpec, ModelArch, forward_flops_per_token, peak_flops,
+                                                train_flops_per_token)
 
 GIB = 2**30
 
@@ -205,9 +206,9 @@ def train_seconds(w: Workload) -> dict:
     tokens = w.train_sequences * seq
     fwd = forward_flops_per_token(a, seq)
     attn = 4.0 * a.layers * a.heads * a.head_dim * seq
-    passes_hw = w.trained_models * (4.0 if w.recompute else 3.0) + w.fwd_only_passes
-    passes_model = w.trained_models * 3.0 + w.fwd_only_passes
-    hw, model = tokens * fwd * passes_hw, tokens * fwd * passes_model
+    model_t, hw_t = train_flops_per_token(a, seq, w.recompute)
+    hw = tokens * (w.trained_models * hw_t + w.fwd_only_passes * fwd)
+    model = tokens * (w.trained_models * model_t + w.fwd_only_passes * fwd)
     gemm_rate = peak_flops(g, w.fp8) * (A.train_eff_fp8 if w.fp8 else A.train_eff_bf16)
     attn_rate = g.bf16_flops * A.train_eff_bf16  # attention stays in BF16 under TE FP8 recipes
     share = attn / fwd

@@ -6,7 +6,8 @@ embeddings (docs/planning.md §1 has the derivation):
 
     forward FLOPs per token  F_fwd = 2·N_matmul + 2·V·h + 4·L·n_q·d·s
     training (fwd + bwd)     3·F_fwd        (the backward is two matmuls per forward matmul)
-    with full recompute      4·F_fwd        hardware FLOPs only; MFU still counts 3·F_fwd
+    with full recompute      + F_fwd of the layers (not the output layer): hardware FLOPs only;
+                             MFU still counts 3·F_fwd
 
 N_matmul are the weights of the per-layer linear layers (QKV, output projection, MLP), V·h the output
 layer, s the attention context. Like Megatron and PaLM we count the full s×s score matrix, not its
@@ -126,9 +127,12 @@ def forward_flops_per_token(arch: ModelArch, context: float) -> float:
 
 
 def train_flops_per_token(arch: ModelArch, seq_len: float, recompute: bool = False) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) per trained token: 3·F_fwd, and 4·F_fwd when recomputing."""
+    """(model FLOPs, hardware FLOPs) per trained token: 3·F_fwd; with full recompute the transformer
+    layers run forward twice (4 passes) while the output layer is not recomputed (3 passes), which is
+    exactly Megatron's 96·B·s·L·h²·(1 + s/6h + V/16Lh) for GPT-3."""
     fwd = forward_flops_per_token(arch, seq_len)
-    return 3.0 * fwd, (4.0 if recompute else 3.0) * fwd
+    logits = 2.0 * arch.vocab * arch.hidden
+    return 3.0 * fwd, 3.0 * fwd + ((fwd - logits) if recompute else 0.0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""FLOPs, parameter counts and MFU against hand-computed and published numbers."""
+
+import json
+
+import pytest
+
+from megatron_oreal.observability.flops import (ARCHS, arch_by_name, arch_from_hf_config,
+                                                forward_flops_per_token, gpu_by_name, mfu, peak_flops,
+                                                tokens_per_second, train_flops_per_token)
+
+
+def test_param_counts_match_the_published_checkpoints():
+    # safetensors index "total_size" / 2 bytes (bf16) of the HF checkpoints.
+    assert arch_by_name("qwen2.5-7b").params() == 15231233024 // 2
+    assert arch_by_name("qwen2.5-32b").params() == 65527752704 // 2
+    assert arch_by_name("Qwen2.5-7B").params() == arch_by_name("deepseek-r1-distill-qwen-7b").params()
+    assert abs(arch_by_name("llama-3.1-8b").params() / 8.03e9 - 1) < 0.002  # model card: 8.03B
+
+
+def test_gpt3_flops_equal_megatron_formula():
+    # Narayanan et al. 2021 appendix: 96·B·s·L·h²·(1 + s/6h + V/16Lh) per iteration, with recompute.
+    a, s = arch_by_name("gpt3-175b"), 2048
+    h, L, V = a.hidden, a.layers, a.vocab
+    megatron = 96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+    model, hardware = train_flops_per_token(a, s, recompute=True)
+    assert hardware == pytest.approx(megatron, rel=1e-12)
+    assert model == pytest.approx(3 * forward_flops_per_token(a, s), rel=1e-12)
+    assert train_flops_per_token(a, s, recompute=False)[1] == model
+
+
+def test_forward_flops_hand_computed_tiny_gqa():
+    a = arch_from_hf_config({"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "intermediate_size": 16, "vocab_size": 10})
+    # per layer: q 8·8 + kv 2·8·4 + o 8·8 + mlp 3·8·16 = 64 + 64 + 64 + 384 = 576
+    assert a.layer_matmul_params() == 576
+    # 2·2·576 + 2·10·8 + 4·2·4·2·s(=5) = 2304 + 160 + 320
+    assert forward_flops_per_token(a, 5) == 2784
+
+
+def test_hf_config_round_trip_and_errors(tmp_path):
+    cfg = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+           "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    a = arch_from_hf_config(path, name="qwen2.5-7b")
+    assert a == ARCHS["qwen2.5-7b"]
+    del cfg["intermediate_size"]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json.*intermediate_size"):
+        arch_from_hf_config(path)
+    with pytest.raises(KeyError, match="qwen2.5-32b"):
+        arch_by_name("qwen-99b")
+
+
+def test_mfu_and_tokens_per_second():
+    h100 = gpu_by_name("h100-80g")
+    # 8 GPUs, 10 s, 3.9576e16 model FLOPs -> 3.9576e15 FLOP/s over 8·989.4e12 = 0.5
+    assert mfu(3.9576e16, 10.0, 8, peak_flops(h100)) == pytest.approx(0.5)
+    assert peak_flops(h100, fp8=True) == pytest.approx(2 * peak_flops(h100), rel=1e-3)
+    assert tokens_per_second(8000, 2.0, 4) == 1000
+    assert mfu(1.0, 0.0, 1, 1.0) == 0.0
+    with pytest.raises(ValueError, match="a100-80g has no FP8"):
+        peak_flops(gpu_by_name("a100-80g"), fp8=True)
