@@ -135,6 +135,7 @@ class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0 = only start and end)
     max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
     batch_size: int = 64
+    keep_best: bool = True  # export the best-scoring policy to RUN_DIR/best_hf (OREAL.md §4.2 step 9)
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""Everything one OREAL run holds, built from a RunConfig, and the helpers the loop calls.
+
+`train.py` reads like the algorithm; this file owns the set-up (parallel state, models, optimizers,
+engine, verifier, data, checkpoints, logs), the memory choreography around the engine (release
+before training, resume + weight sync after), evaluation and run checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_oreal.checkpoint.resume import RunCheckpointer
+from megatron_oreal.config import RunConfig, to_dict
+from megatron_oreal.stages import Comm, EvalResult, evaluate
+
+
+def log(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_pass1: float = -1.0
+    best_step: int = -1
+    initial_pass1: float | None = None
+    history: list[dict] = field(default_factory=list)  # eval records: {"step", "pass1"}
+    nonfinite_in_row: int = 0
+    wall_seconds: float = 0.0
+    tokens: float = 0.0
+
+
+def read_hf_config(hf_path: str) -> dict:
+    path = Path(hf_path) / "config.json"
+    if not path.is_file():
+        raise RunError(f"policy.hf_path: {hf_path!r} has no config.json (expected a Hugging Face model folder)")
+    weights = list(Path(hf_path).glob("*.safetensors"))
+    if not weights:
+        raise RunError(f"policy.hf_path: {hf_path!r} has no *.safetensors weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: malformed JSON: {exc}") from None
+
+
+class Run:
+    """Built collectively on every rank; rank 0 logs and writes files."""
+
+    def __init__(self, cfg: RunConfig):
+        from transformers import AutoTokenizer
+
+        from megatron_oreal.checkpoint.hf_io import load_hf_weights
+        from megatron_oreal.data.prompts import PromptStream, load_eval_prompts
+        from megatron_oreal.mcore import parallel
+        from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
+        from megatron_oreal.mcore.train_step import OrealTrainer
+        from megatron_oreal.observability.tb import MetricsWriter
+        from megatron_oreal.observability.timers import StageTimer
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.hf_config = read_hf_config(cfg.policy.hf_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
+        self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed)
+        self.rank = layout.rank
+        if layout.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+        # Data first: a bad prompt file should fail before minutes of model building.
+        self.prompts = PromptStream(cfg.data, self.tokenizer, dp_rank=layout.dp_rank, dp_size=layout.dp)
+        self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
+
+        t0 = time.time()
+        kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)
+        policy = build_policy(self.hf_config, layout, **kw)
+        load_hf_weights(policy, cfg.policy.hf_path, layout)
+        self.reference = ReferenceWeights(policy)  # the frozen initial policy, on the host
+        token_rm = None
+        if cfg.token_rm.enabled and cfg.algo.token_weighting != "none":
+            token_rm = build_token_rm(self.hf_config, layout, **kw)
+            load_hf_weights(token_rm, cfg.policy.hf_path, layout)
+        self.trainer = OrealTrainer(
+            policy, token_rm, self.reference, layout, cfg.algo, cfg.policy.optim, cfg.token_rm.optim, cfg.steps,
+            micro_batch_tokens=cfg.policy.micro_batch_tokens, distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        log(f"models ready in {time.time() - t0:.1f}s: {layout}", self.rank)
+
+        self.comm = Comm(
+            is_engine_rank=layout.tp_rank == 0 and layout.pp_rank == 0,
+            engine_src=min(torch.distributed.get_process_group_ranks(parallel.model_parallel_group())),
+            mp_group=parallel.model_parallel_group(),
+            dp_group=parallel.dp_group(gloo=True) if layout.dp > 1 else None,
+            dp_size=layout.dp,
+            dp_rank=layout.dp_rank,
+        )
+        self.engine = self.verifier = None
+        if self.comm.is_engine_rank:
+            self._start_engine()
+        self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
+                                            barrier=torch.distributed.barrier)
+        self.timer = StageTimer()
+        self.writer = MetricsWriter(self.run_dir / "tb", enabled=cfg.log.tensorboard, rank=self.rank)
+        self.state = RunState()
+        self.synced_once = False
+
+    # ------------------------------------------------------------------ engine + weight sync
+    def _start_engine(self) -> None:
+        from megatron_oreal.reward.pool import Verifier
+        from megatron_oreal.rollout import build_engine
+
+        cfg = self.cfg
+        self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+        self.verifier = Verifier(workers=cfg.reward.workers, timeout=cfg.reward.timeout_s,
+                                 llm_judge=_llm_judge(cfg.reward))
+
+    def sync_weights(self) -> dict[str, float]:
+        """Policy (Megatron shards) -> HF tensors -> the engine. Collective."""
+        from megatron_oreal.checkpoint.gather import iter_hf_tensors
+        from megatron_oreal.sync import InProcessTransport, SGLangIPCTransport, sync_weights
+
+        cfg = self.cfg.rollout
+        bucket_bytes = cfg.sync_bucket_mb << 20
+        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes)
+        if not self.comm.is_engine_rank:
+            for _ in source:  # take part in the collectives; the tensors land on the engine rank
+                pass
+            return {}
+        self.engine.resume_memory()
+        transport = SGLangIPCTransport(self.engine) if cfg.engine == "sglang" else InProcessTransport(self.engine)
+        flat = ((name, t) for bucket in source for name, t in bucket)
+        check = cfg.check_weights_after_first_sync and not self.synced_once
+        metrics = sync_weights(flat, transport, fp8=cfg.fp8, bucket_bytes=bucket_bytes, check=check)
+        self.synced_once = True
+        return metrics.as_dict()
+
+    def release_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.release_memory()
+
+    def sampling(self, step: int):
+        from megatron_oreal.rollout.engine import SamplingParams
+
+        params = SamplingParams.from_config(self.cfg.rollout.sampling, default_stop_ids=self.stop_ids)
+        return params.with_seed(self.cfg.rollout.sampling.seed * 1_000_003 + step)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> EvalResult | None:
+        from megatron_oreal.rollout.engine import SamplingParams
+
+        if not self.eval_prompts:
+            return None
+        s = self.cfg.rollout.sampling
+        greedy = SamplingParams.greedy_eval(self.cfg.eval.max_new_tokens or s.max_new_tokens, self.stop_ids,
+                                            s.max_total_length)
+        result = evaluate(self.engine, self.eval_prompts, greedy, self.tokenizer, self.verifier, self.comm,
+                          batch_size=self.cfg.eval.batch_size)
+        st = self.state
+        if st.initial_pass1 is None:
+            st.initial_pass1 = result.pass1
+        st.history.append({"step": step, "pass1": result.pass1})
+        improved = result.pass1 > st.best_pass1
+        if improved:
+            st.best_pass1, st.best_step = result.pass1, step
+        if self.layout.is_main:
+            out = self.run_dir / "eval" / f"step_{step:06d}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "w") as f:
+                for p in result.predictions:
+                    f.write(json.dumps(p) + "\n")
+            mark = " (best)" if improved else ""
+            log(f"eval @ step {step}: {result.table()}{mark}", self.rank)
+        self.writer.write(step, {"eval/pass1": result.pass1, "eval/mean_response_tokens": result.mean_response_tokens})
+        if improved and self.cfg.eval.keep_best and step > 0:
+            self.export_hf(self.run_dir / "best_hf")
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _components(self) -> dict[str, tuple[Any, Any]]:
+        parts = {"policy": (self.trainer.policy, self.trainer.policy_opt)}
+        if self.trainer.token_rm is not None:
+            parts["token_rm"] = (self.trainer.token_rm, self.trainer.rm_opt)
+        return parts
+
+    def save(self, step: int) -> Path:
+        from megatron_oreal.mcore.run_state import model_and_optimizer_writer
+
+        writers = {name: model_and_optimizer_writer(m, o) for name, (m, o) in self._components().items()}
+        st = self.state
+        state = {"data": self.prompts.state_dict(), "best_pass1": st.best_pass1, "best_step": st.best_step,
+                 "initial_pass1": st.initial_pass1, "history": st.history, "wall_seconds": st.wall_seconds,
+                 "tokens": st.tokens, "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
+        t0 = time.time()
+        path = self.checkpointer.save(step, writers, state)
+        log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
+        return path
+
+    def maybe_resume(self) -> bool:
+        from megatron_oreal.mcore.run_state import model_and_optimizer_reader
+
+        path = self.checkpointer.latest()
+        if path is None:
+            return False
+        readers = {name: model_and_optimizer_reader(m, o) for name, (m, o) in self._components().items()}
+        state = self.checkpointer.load(path, readers)
+        st = self.state
+        st.step = int(state["step"])
+        st.best_pass1, st.best_step = state["best_pass1"], state["best_step"]
+        st.initial_pass1, st.history = state["initial_pass1"], state["history"]
+        st.wall_seconds, st.tokens = state.get("wall_seconds", 0.0), state.get("tokens", 0.0)
+        self.prompts.load_state_dict(state["data"])
+        log(f"resumed from {path} at step {st.step}", self.rank)
+        return True
+
+    def export_hf(self, out_dir: Path) -> None:
+        from megatron_oreal.checkpoint.gather import export_hf
+
+        export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
+                  log=lambda m: log(m, self.rank))
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.verifier is not None:
+            self.verifier.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _llm_judge(reward_cfg) -> Any:
+    if not reward_cfg.llm_judge_url:
+        return None
+    from megatron_oreal.reward.llm_judge import LLMJudge
+
+    return LLMJudge(reward_cfg.llm_judge_url, reward_cfg.llm_judge_model)
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def cpu_threads_note() -> str:
+    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"

@@ -1,0 +1,94 @@
+"""`python -m megatron_oreal train CONFIG [section.key=value ...]`: the OREAL loop (DESIGN.md, one iteration).
+
+    rollout -> reward -> advantages + selection -> token-RM update -> policy update -> weight sync
+
+Each stage is one call; set-up, checkpoints, evaluation and the engine's memory choreography live in
+runtime.py. The same command on a run dir that holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+from megatron_oreal.algo.selection import build_train_batch
+from megatron_oreal.config import ConfigError, RunConfig, load_config
+from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, requeue_if_slurm
+from megatron_oreal.runtime import Run, RunError, log
+from megatron_oreal.stages import rollout_and_score
+from megatron_oreal.step_log import StepLog
+
+
+def run(cfg: RunConfig, *, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train until cfg.steps (or max_steps more steps); returns the summary (also RUN_DIR/summary.json)."""
+    preemption = PreemptionHandler()
+    r = Run(cfg)
+    try:
+        resumed = r.maybe_resume()
+        steplog = StepLog(r)
+        r.sync_weights()  # the engine starts from the HF files; after a resume it must get the trained weights
+        if not resumed:
+            r.evaluate(0)
+        start = r.state.step
+        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            with r.timer.stage("rollout"):
+                groups = rollout_and_score(r.engine, r.prompts.next_batch(), r.sampling(step), r.tokenizer, r.verifier, r.comm)
+            with r.timer.stage("selection"):
+                batch = build_train_batch(groups, cfg.algo.advantage, cfg.algo.selection, cfg.seed, step)
+            r.release_engine()
+            with r.timer.stage("train"):
+                metrics = r.trainer.update(batch, step) if batch.sequences else {"skipped": 1.0}
+            with r.timer.stage("weight_sync"):
+                metrics.update(r.sync_weights())
+            r.state.step = step + 1
+            r.state.wall_seconds += time.perf_counter() - t0
+            metrics = steplog.record(step, groups, batch, metrics)
+            if on_step is not None:
+                on_step(step, metrics)
+            done = step + 1 == end
+            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0) or done:
+                r.evaluate(step + 1)
+            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
+                r.save(step + 1)
+            elif preemption.requested_everywhere():
+                r.save(step + 1)
+            if preemption.requested_everywhere() and not done:
+                log(f"{preemption.signal_name} received: checkpoint written at step {step + 1}, exiting "
+                    f"with code {EXIT_PREEMPTED}", r.rank)
+                requeue_if_slurm()
+                raise SystemExit(EXIT_PREEMPTED)
+        summary = steplog.summary()
+        if r.state.step >= cfg.steps and cfg.checkpoint.export_hf:
+            r.export_hf(r.run_dir / "hf")
+        if r.layout.is_main:
+            (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        r.close()
+        preemption.restore()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_oreal train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML run config (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run_dir=runs/a steps=20")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, max_steps=args.max_steps)
+    except (RunError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    log(json.dumps(summary, indent=2))
+    return 0
