@@ -175,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     window = TraceWindow(Path(cfg.run_dir) / "profile", trace_steps, rank=rank)
     steps: list[dict] = []
 
-    def on_step(step: int, metrics: Mapping[str, float]) -> None:
-        # The trainer calls this after each step; the trace window brackets whole steps.
+    def on_step(*args) -> None:
+        # The trainer calls on_step(step, metrics) (or on_step(metrics)) after each step; the trace
+        # window brackets whole steps, counted from the first step this command ran.
+        metrics = args[-1]
+        step = len(steps)
         steps.append(dict(metrics))
         window.step_end(step)
         window.step_begin(step + 1)

@@ -93,3 +93,30 @@ def test_trace_window_covers_only_the_chosen_steps(tmp_path):
     names = {e.get("name") for e in json.loads(window.written.read_text())["traceEvents"]}
     assert {"marker_step1", "marker_step2"} <= names
     assert not {"marker_step0", "marker_step3"} & names
+
+
+def test_profile_main_drives_the_trainer(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from megatron_oreal.observability import profile
+
+    calls = {}
+
+    def run(cfg, max_steps, on_step):  # the trainer's contract: train.run(cfg, max_steps=N, on_step=cb)
+        calls["steps"] = max_steps
+        for i, m in enumerate(STEPS[:max_steps]):
+            torch.ones(4).sum()
+            on_step(i, m)
+
+    monkeypatch.setitem(sys.modules, "megatron_oreal.train", types.SimpleNamespace(run=run))
+    import megatron_oreal
+
+    monkeypatch.setattr(megatron_oreal, "train", sys.modules["megatron_oreal.train"], raising=False)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    assert profile.main([str(cfg), "--steps", "3", "--trace-steps", "1:1"]) == 0
+    out = capsys.readouterr().out
+    assert calls["steps"] == 3 and "mean over 2 step(s)" in out and "rollout" in out
+    assert (tmp_path / "run" / "profile" / "trace_rank0_steps1-1.json").is_file()
+    assert profile.main([str(cfg), "--trace-steps", "x"]) == 2
