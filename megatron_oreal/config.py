@@ -139,6 +139,19 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """`python -m megatron_oreal sft`: supervised fine-tuning on {"prompt", "response"} JSONL pairs."""
+
+    train_file: str = ""
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    batch_size: int = 64  # sequences per optimizer step (global)
+    steps: int = 600
+    log_every: int = 50
+    add_eos: bool = True  # append the tokenizer's eos to every response (the model learns to stop)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     html_every: int = 10  # steps between token-weight HTML pages (0 = never)
@@ -160,6 +173,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # Allowed values for string fields; checked after loading so a typo fails before any model is built.
