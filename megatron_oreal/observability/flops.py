@@ -204,3 +204,29 @@ def mfu(model_flops: float, seconds: float, n_devices: int, peak: float) -> floa
 def tokens_per_second(tokens: float, seconds: float, n_devices: int = 1) -> float:
     """Tokens per second per device (NeMo-RL's tokens/s/GPU when n_devices is the GPU count)."""
     return tokens / seconds / n_devices if seconds > 0 and n_devices > 0 else 0.0
+
+
+def step_throughput(times: dict[str, float], *, arch: ModelArch, n_devices: int, peak: float,
+                    rollout_tokens: float, train_tokens: float, train_seq_len: float,
+                    trained_models: int = 2, forward_only_passes: float = 2.0,
+                    sync_bytes: float = 0.0) -> dict[str, float]:
+    """The throughput metrics of one step from its `time/<stage>` seconds (StageTimer.step_end()).
+
+    `tokens/s`: trained tokens per second per device over the training stages (`time/token_rm`,
+    `time/policy`, `time/reference`, whichever exist); `mfu`: their model FLOPs (3·F_fwd per trained
+    model, F_fwd per forward-only pass) over those seconds; `tokens/s/rollout`: generated tokens per
+    second per device; `tokens/s/step`: rollout tokens over the whole step (NeMo-RL's tokens/s/GPU);
+    `sync/gbps`: weight-sync GB/s.
+    """
+    train_s = sum(times.get(f"time/{s}", 0.0) for s in ("token_rm", "policy", "reference"))
+    fwd = forward_flops_per_token(arch, train_seq_len)
+    model_flops = train_tokens * fwd * (3.0 * trained_models + forward_only_passes)
+    out = {
+        "tokens/s": tokens_per_second(train_tokens, train_s, n_devices),
+        "mfu": mfu(model_flops, train_s, n_devices, peak),
+        "tokens/s/rollout": tokens_per_second(rollout_tokens, times.get("time/rollout", 0.0), n_devices),
+        "tokens/s/step": tokens_per_second(rollout_tokens, times.get("time/step", 0.0), n_devices),
+    }
+    if sync_bytes and times.get("time/weight_sync", 0.0) > 0:
+        out["sync/gbps"] = sync_bytes / times["time/weight_sync"] / 1e9
+    return out

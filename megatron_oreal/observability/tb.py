@@ -67,6 +67,23 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+# Logging parity with the reference trainer (OREAL.md §11, [T:L901-931]): our metric key -> its name.
+# The trainer logs these keys; the console line and TensorBoard read them from here.
+REFERENCE_METRICS: dict[str, str] = {
+    "reward/mean": "avg_judger_reward",
+    "reward/pass_rate": "(pass rate, not in the reference log)",
+    "advantage/mean": "avg_adv",
+    "policy/entropy": "avg_gen_entropy",  # -mean log-prob of the sampled tokens
+    "kl/ref": "avg_ref_kl",  # mean (logp - ref_logp)
+    "loss/positive": "positive_loss",
+    "loss/negative": "negative_loss",
+    "loss/kl": "kl_loss",
+    "loss/token_rm": "token_level_rm_loss",
+    "response/mean_tokens": "avg_new_tokens",
+    "grad_norm/policy": "actor grad norm",
+    "grad_norm/token_rm": "token RM grad norm",
+}
+
 # (metric key, console label, format). Only keys present in the metrics are printed.
 CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("reward/mean", "reward", "{:+.3f}"),
@@ -76,6 +93,7 @@ CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("loss/kl", "Lkl", "{:.4f}"),
     ("loss/token_rm", "Lrm", "{:.4f}"),
     ("kl/ref", "kl", "{:.4f}"),
+    ("response/mean_tokens", "len", "{:.0f}"),
     ("tokens/s", "tok/s", "{:.0f}"),
     ("mfu", "mfu", "{:.1%}"),
 )

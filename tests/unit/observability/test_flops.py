@@ -62,3 +62,26 @@ def test_mfu_and_tokens_per_second():
     assert mfu(1.0, 0.0, 1, 1.0) == 0.0
     with pytest.raises(ValueError, match="a100-80g has no FP8"):
         peak_flops(gpu_by_name("a100-80g"), fp8=True)
+
+
+def test_measured_cpu_peak_replaces_the_nominal_figure():
+    from megatron_oreal.observability.flops import cpu_spec_measured
+
+    spec = cpu_spec_measured()
+    assert spec.name == "cpu" and 1e8 < spec.bf16_flops < 1e14  # a real GEMM rate, not the 1e12 default
+    assert spec.hbm_bw == gpu_by_name("cpu").hbm_bw
+
+
+def test_step_throughput_hand_computed():
+    from megatron_oreal.observability.flops import step_throughput
+
+    a = arch_from_hf_config({"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "intermediate_size": 16, "vocab_size": 10})
+    times = {"time/rollout": 4.0, "time/token_rm": 1.0, "time/policy": 3.0, "time/weight_sync": 0.5,
+             "time/step": 10.0}
+    m = step_throughput(times, arch=a, n_devices=2, peak=1e6, rollout_tokens=800, train_tokens=100,
+                        train_seq_len=5, trained_models=2, forward_only_passes=2, sync_bytes=2e9)
+    # F_fwd(5) = 2784 (above); 100 tokens × 2784 × (3·2 + 2) = 2,227,200 FLOPs over 4 s on 2 × 1e6
+    assert m["mfu"] == pytest.approx(2_227_200 / 4 / 2e6)
+    assert m["tokens/s"] == 12.5 and m["tokens/s/rollout"] == 100 and m["tokens/s/step"] == 40
+    assert m["sync/gbps"] == 4.0

@@ -82,3 +82,11 @@ def test_console_line():
                     "mfu nan% | 41.2 s/step | ETA 53m34s")
     assert console_line(90, 90, {}, mean_step_s=10.0).endswith("10.0 s/step | ETA 0s")
     assert format_duration(9000) == "2h30m" and format_duration(math.inf) == "?"
+
+
+def test_console_fields_are_reference_metrics():
+    from megatron_oreal.observability.tb import CONSOLE_FIELDS, REFERENCE_METRICS
+
+    # every loss/reward the console prints is one the reference trainer logs (OREAL.md §11)
+    assert {k for k, _, _ in CONSOLE_FIELDS if k.startswith(("loss/", "reward/", "kl/"))} <= set(REFERENCE_METRICS)
+    assert REFERENCE_METRICS["loss/token_rm"] == "token_level_rm_loss"
