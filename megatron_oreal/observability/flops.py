@@ -171,7 +171,7 @@ def gpu_by_name(name: str) -> GpuSpec:
 
 def peak_flops(gpu: GpuSpec, fp8: bool = False) -> float:
     if fp8 and gpu.fp8_flops <= 0:
-        raise ValueError(f"{gpu.name} has no FP8 tensor cores; set policy.fp8=''")
+        raise ValueError(f"{gpu.name} has no FP8 tensor cores: policy.fp8 / rollout.fp8 need Hopper or newer")
     return gpu.fp8_flops if fp8 else gpu.bf16_flops
 
 

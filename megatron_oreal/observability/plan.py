@@ -110,7 +110,7 @@ def format_plan(w: Workload, est: dict, steps: int) -> str:
               f"rollout: {w.samples} samples, {r['concurrency']:.0f} concurrent/engine (KV-bound at "
               f"{mem['kv_tokens']:.0f} tokens), {r['step_ms']:.1f} ms/decode step, {r['decode_steps']:.0f} steps",
               f"train: {t['tokens']:.3g} tokens x {w.trained_models} model(s) + {w.fwd_only_passes:g} forward-only "
-              f"passes, MFU {t['mfu']:.1%}, pipeline bubble {t['bubble']:.1%}",
+              f"passes, MFU {t['mfu']:.1%} (of BF16 peak), pipeline bubble {t['bubble']:.1%}",
               f"weight sync: {s['bytes'] / 1e9:.1f} GB at {s['gbps']:.1f} GB/s",
               f"throughput: {est['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; {steps} steps ~ "
               f"{format_duration(steps * est['step_s'])}",
