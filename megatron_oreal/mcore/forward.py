@@ -1,0 +1,88 @@
+"""Forward passes over packed micro-batches through Megatron's pipeline schedule.
+
+`run_schedule` drives `get_forward_backward_func()` (no pipelining at PP=1, 1F1B at PP>1) over a
+list of MicroBatch; on the last stage `post(idx, mb, output)` turns the model output into
+(local loss, metrics). Per-token quantities come out in the packed response-token layout
+(packing.py): the outputs at the `loss_mask` positions, in order.
+
+Log-probs are computed the way Megatron computes its LM loss: vocab-parallel cross entropy in fp32 on
+the TP-sharded logits (logp = -CE(labels)), with the vocabulary-padding columns masked to -inf first
+(model.mask_padded_vocab), so no rank ever materialises the full [L, V] logits (OREAL.md §11).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron_oreal.mcore.model import mask_padded_vocab, unwrap
+from megatron_oreal.mcore.packing import MicroBatch
+
+Tensor = torch.Tensor
+PostFn = Callable[[int, MicroBatch, Tensor], tuple[Tensor, dict]]
+
+
+def uses_thd(model) -> bool:
+    """True when the model runs Transformer Engine attention (packed THD input, no dense mask)."""
+    for module in unwrap(model).modules():
+        if type(module).__name__ == "TEDotProductAttention":
+            return True
+    return False
+
+
+def token_logprobs(local_logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
+    """log π(label) per position from a vocab-parallel logits shard [B, L, V_pad/TP] -> [B, L], fp32."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = mask_padded_vocab(local_logits.float(), vocab_size)
+    # vocab_parallel_cross_entropy subtracts the max in place: hand it a tensor nobody else reads.
+    if logits.data_ptr() == local_logits.data_ptr():
+        logits = logits.clone()
+    return -vocab_parallel_cross_entropy(logits, labels)
+
+
+def response_values(per_position: Tensor, mb: MicroBatch) -> Tensor:
+    """[1, L] per-position values -> [T] at the positions predicting response tokens (packed order)."""
+    return per_position[mb.loss_mask.to(per_position.device)]
+
+
+def run_schedule(model, micro_batches: list[MicroBatch], post: PostFn, *, forward_only: bool, loss_scale: float = 1.0):
+    """Run every micro-batch through the (pipelined) model; returns the metrics dicts (last stage only).
+
+    `loss_scale` multiplies each micro-batch's loss before backward. Megatron's schedule divides each
+    micro-batch loss by num_microbatches (schedules.py forward_step_calc_loss, legacy 2-tuple path)
+    and DDP averages grads over DP, so the caller passes loss_scale = dp_size and we multiply by the
+    number of micro-batches here: the gradient is then exactly Σ(local sums)/N_global.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("run_schedule: no micro-batches (build_micro_batches always returns at least one)")
+    n = len(micro_batches)
+    thd = uses_thd(model)
+    device = next(unwrap(model).parameters()).device
+
+    def forward_step(data_iterator, chunk):
+        idx, mb = next(data_iterator)
+        mb = mb.to(device)
+        kwargs = {"packed_seq_params": mb.packed_seq_params()} if thd else {}
+        out = chunk(mb.tokens, mb.position_ids, None if thd else mb.attention_mask, **kwargs)
+
+        def loss_func(output_tensor):
+            loss, metrics = post(idx, mb, output_tensor)
+            return loss * (n * loss_scale), metrics
+
+        return out, loss_func
+
+    # Rows differ in length; at PP>1 the p2p layer must exchange shapes first.
+    unwrap(model).config.variable_seq_lengths = True
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(enumerate(micro_batches)),
+        model=[model],
+        num_microbatches=n,
+        seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )

@@ -1,0 +1,89 @@
+"""Megatron DDP + optimizer for one model, and the per-step LR from algo/schedule.py.
+
+One `MegatronOptimizer` per model (policy, token RM), AdamW (Megatron's "adam" is decoupled weight
+decay: apex/TE FusedAdam in AdamW mode, or torch.optim.AdamW without them), weight decay 0.01,
+grad-clip 1.0, betas/eps from OptimConfig (OREAL.md §4.3). Megatron leaves biases and norm weights
+out of weight decay (its default `no_weight_decay_cond`); the reference decays every parameter, a
+difference of 0.01 * lr * w per step on those few tensors.
+
+The LR is a pure function of the step (algo.schedule.lr_at), written into every param group before
+each step, so "the schedule advances during frozen steps" holds by construction and a resumed run
+needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_oreal.algo.schedule import lr_at
+from megatron_oreal.config import OptimConfig
+
+
+def wrap_ddp(model, *, distributed_optimizer: bool = False):
+    """Wrap a GPTModel for training: Float16Module for bf16, then Megatron DDP (gradient buffers).
+
+    DDP averages gradients over DP (scaling 1/dp); the loss functions compensate (train_step.py).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = model.config
+    if config.bf16 or config.fp16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,  # accumulate micro-batch grads in fp32 (bf16 sums drift)
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model, cfg: OptimConfig, *, distributed_optimizer: bool = False):
+    """get_megatron_optimizer over one DDP-wrapped model, and the schedule hooks on its config."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = ddp_model.config
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bool(config.bf16),
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp_model])
+    # The pipeline schedule reads these from the model config (megatron/training/training.py does the same).
+    config.no_sync_func = ddp_model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def lr_for_step(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    return lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
+
+
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """Clip (inside Megatron's step) and update; returns (updated, grad norm before clipping)."""
+    ok, grad_norm, _ = optimizer.step()
+    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def zero_grads(ddp_model, optimizer) -> None:
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def grads_are_finite(ddp_model) -> bool:
+    return all(torch.isfinite(p.main_grad).all() for p in ddp_model.parameters() if hasattr(p, "main_grad"))
