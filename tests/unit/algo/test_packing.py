@@ -1,0 +1,89 @@
+"""mcore/packing.py: layout of a packed row, alignment, token-budget and DP splits (no Megatron needed)."""
+
+import pytest
+import torch
+
+from megatron_oreal.algo.losses import policy_loss
+from megatron_oreal.config import AlgoConfig
+from megatron_oreal.mcore.packing import (
+    block_causal_mask,
+    build_micro_batches,
+    global_counts,
+    local_counts,
+    pack_sequences,
+    split_across_dp,
+    split_by_token_budget,
+)
+from megatron_oreal.types import TrainBatch, TrainSequence
+
+
+def _batch():
+    return TrainBatch([
+        TrainSequence([1, 2, 3], [4, 5], 1.5, True),  # P=3 R=2
+        TrainSequence([6], [7, 8, 9], -0.5, False),  # P=1 R=3
+        TrainSequence([10, 11], [12], 0.25, True),  # P=2 R=1
+    ])
+
+
+def test_row_layout_and_alignment():
+    mb = pack_sequences(_batch(), [0, 1, 2], pad_to_multiple=4)
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert mb.labels.tolist() == [[2, 3, 4, 5, 0, 7, 8, 9, 0, 11, 12, 0]]
+    # P-1 .. P+R-2 of each sequence predict its R response tokens (OREAL.md §8.1 item 7)
+    assert mb.loss_mask.int().tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0]]
+    assert mb.labels[mb.loss_mask].tolist() == [4, 5, 7, 8, 9, 12]
+    assert mb.cu_seqlens.tolist() == [0, 5, 9, 12] and mb.resp_cu_seqlens.tolist() == [0, 2, 5, 6]
+    assert mb.advantages.tolist() == [1.5, -0.5, 0.25] and mb.is_positive.tolist() == [True, False, True]
+    mask = mb.attention_mask[0, 0]
+    assert not mask[4, 0] and mask[5, 4] and not mask[8, 5] and mask[5, 6]  # block-diagonal causal
+    padded = pack_sequences(_batch(), [1], pad_to_multiple=8)
+    assert padded.tokens.shape == (1, 8) and padded.loss_mask.sum() == 3
+    assert padded.attention_mask[0, 0, 5, 3] and not padded.attention_mask[0, 0, 5, 4]  # pad is its own block
+    assert block_causal_mask(torch.tensor([0, 2]), 2)[0, 0].tolist() == [[False, True], [False, False]]
+
+
+def test_splits_balance_and_cover():
+    lengths = [10, 3, 7, 7, 2, 9]
+    shares = split_across_dp(lengths, 2)
+    assert sorted(shares[0] + shares[1]) == list(range(6))
+    assert abs(sum(lengths[i] for i in shares[0]) - sum(lengths[i] for i in shares[1])) <= 2
+    bins = split_by_token_budget(list(range(6)), lengths, 12)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 12 for b in bins) and len(bins) == 4  # 38 tokens
+    assert split_by_token_budget([0], [50], 12) == [[0]]  # oversized: alone, never dropped
+
+
+def test_micro_batches_counts_and_empty_share():
+    b = _batch()
+    all_mbs = [build_micro_batches(b, r, 2, 6) for r in range(2)]
+    assert sorted(i for mbs in all_mbs for mb in mbs for i in mb.seq_indices) == [0, 1, 2]
+    summed = {k: sum(local_counts(m)[k] for m in all_mbs) for k in ("n_pos", "n_neg", "n_all", "m")}
+    assert summed == global_counts(b) == {"n_pos": 3, "n_neg": 3, "n_all": 6, "m": 3}
+    empty = build_micro_batches(TrainBatch([b.sequences[0]]), 1, 2, 100)  # DP rank with nothing to do
+    assert len(empty) == 1 and empty[0].num_sequences == 0 and empty[0].tokens.shape == (1, 1)
+    with pytest.raises(ValueError, match=r"sequences\[0\]: empty response_ids"):
+        build_micro_batches(TrainBatch([TrainSequence([1], [], 1.0, True)]), 0, 1, 10)
+
+
+def test_loss_sum_over_micro_batches_equals_whole_batch():
+    """Global denominators make the split irrelevant (OREAL.md §8.1 item 8), here on the pure loss."""
+    b = _batch()
+    g = torch.Generator().manual_seed(0)
+    logp_of = {i: -torch.rand(len(s.response_ids), generator=g) for i, s in enumerate(b.sequences)}
+    ref_of = {i: -torch.rand(len(s.response_ids), generator=g) for i, s in enumerate(b.sequences)}
+    c = global_counts(b)
+
+    def total(groups):
+        out = 0.0
+        for idx in groups:
+            mb = pack_sequences(b, idx, with_mask=False)
+            lp, rl = torch.cat([logp_of[i] for i in idx]), torch.cat([ref_of[i] for i in idx])
+            w = torch.full_like(lp, 0.7)
+            loss, _ = policy_loss(lp, rl, mb.resp_cu_seqlens, mb.advantages, mb.is_positive, w, w,
+                                  c["n_pos"], c["n_neg"], c["n_all"], AlgoConfig())
+            out += loss.item()
+        return out
+
+    assert total([[0], [1], [2]]) == pytest.approx(total([[0, 1, 2]]), abs=1e-7)
+    assert total([[2, 0], [1]]) == pytest.approx(total([[0, 1, 2]]), abs=1e-7)
