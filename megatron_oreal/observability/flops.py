@@ -208,21 +208,21 @@ def tokens_per_second(tokens: float, seconds: float, n_devices: int = 1) -> floa
 
 def step_throughput(times: dict[str, float], *, arch: ModelArch, n_devices: int, peak: float,
                     rollout_tokens: float, train_tokens: float, train_seq_len: float,
-                    trained_models: int = 2, forward_only_passes: float = 2.0,
-                    sync_bytes: float = 0.0) -> dict[str, float]:
+                    trained_models: int = 2, forward_only_passes: float = 2.0, sync_bytes: float = 0.0,
+                    train_stages: tuple[str, ...] = ("train", "token_rm", "policy", "reference")) -> dict[str, float]:
     """The throughput metrics of one step from its `time/<stage>` seconds (StageTimer.step_end()).
 
-    `tokens/s`: trained tokens per second per device over the training stages (`time/token_rm`,
-    `time/policy`, `time/reference`, whichever exist); `mfu`: their model FLOPs (3·F_fwd per trained
+    `tokens/s/train`: trained tokens per second per device over the training stages (`train_stages`,
+    whichever exist); `mfu`: their model FLOPs (3·F_fwd per trained
     model, F_fwd per forward-only pass) over those seconds; `tokens/s/rollout`: generated tokens per
     second per device; `tokens/s/step`: rollout tokens over the whole step (NeMo-RL's tokens/s/GPU);
     `sync/gbps`: weight-sync GB/s.
     """
-    train_s = sum(times.get(f"time/{s}", 0.0) for s in ("token_rm", "policy", "reference"))
+    train_s = sum(times.get(f"time/{s}", 0.0) for s in train_stages)
     fwd = forward_flops_per_token(arch, train_seq_len)
     model_flops = train_tokens * fwd * (3.0 * trained_models + forward_only_passes)
     out = {
-        "tokens/s": tokens_per_second(train_tokens, train_s, n_devices),
+        "tokens/s/train": tokens_per_second(train_tokens, train_s, n_devices),
         "mfu": mfu(model_flops, train_s, n_devices, peak),
         "tokens/s/rollout": tokens_per_second(rollout_tokens, times.get("time/rollout", 0.0), n_devices),
         "tokens/s/step": tokens_per_second(rollout_tokens, times.get("time/step", 0.0), n_devices),

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-# Stage-level rates: which metric to show in which column for which stage, when the trainer reports it
-# with a stage suffix (`tokens/s/rollout`) or, for the defaults, without one.
-_STAGE_RATE_DEFAULTS = {"tokens/s": "policy", "mfu": "policy", "sync/gbps": "weight_sync"}
+# Per-stage rates come from `<metric>/<stage>` keys (e.g. `tokens/s/rollout`). A metric reported
+# without a stage suffix belongs to the first of these stages present in the step (train.py times the
+# whole training side as "train"); plain `tokens/s` is a whole-step rate and goes on the step row.
+_STAGE_RATE_DEFAULTS = {"tokens/s": (), "mfu": ("train", "policy"), "sync/gbps": ("weight_sync",)}
 
 
 def parse_step_range(text: str) -> tuple[int, int]:
@@ -54,10 +55,11 @@ def summarize(steps: Sequence[Mapping[str, float]], skip_first: int = 1) -> dict
     mean_stage = {s: _mean([m.get(f"time/{s}", 0.0) for m in used]) for s in stages}
     step_s = _mean([m["time/step"] for m in used if "time/step" in m]) or sum(mean_stage.values())
     rates: dict[str, dict[str, float]] = {s: {} for s in stages}
-    for metric in ("tokens/s", "mfu", "sync/gbps"):
+    for metric, owners in _STAGE_RATE_DEFAULTS.items():
+        owner = next((o for o in owners if o in stages), None)
         for s in stages:
             value = _mean([m[f"{metric}/{s}"] for m in used if f"{metric}/{s}" in m])
-            if value is None and _STAGE_RATE_DEFAULTS[metric] == s:
+            if value is None and s == owner:
                 value = _mean([m[metric] for m in used if metric in m])
             if value is not None:
                 rates[s][metric] = value
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run N training steps and print a per-stage table.")
     parser.add_argument("config", help="run config YAML")
     parser.add_argument("--steps", type=int, default=3, help="steps to run (default 3; the first is warm-up)")
-    parser.add_argument("--trace-steps", default="", help="PyTorch-profiler trace for steps a:b (0-based)")
+    parser.add_argument("--trace-steps", default="",
+                        help="PyTorch-profiler trace for steps a:b, counted from 0 at this command's first step")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     if args.steps <= 0:

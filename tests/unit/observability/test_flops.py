@@ -78,10 +78,14 @@ def test_step_throughput_hand_computed():
     a = arch_from_hf_config({"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4,
                              "num_key_value_heads": 2, "intermediate_size": 16, "vocab_size": 10})
     times = {"time/rollout": 4.0, "time/token_rm": 1.0, "time/policy": 3.0, "time/weight_sync": 0.5,
-             "time/step": 10.0}
+             "time/step": 10.0, "time/selection": 9.0}
     m = step_throughput(times, arch=a, n_devices=2, peak=1e6, rollout_tokens=800, train_tokens=100,
                         train_seq_len=5, trained_models=2, forward_only_passes=2, sync_bytes=2e9)
     # F_fwd(5) = 2784 (above); 100 tokens × 2784 × (3·2 + 2) = 2,227,200 FLOPs over 4 s on 2 × 1e6
     assert m["mfu"] == pytest.approx(2_227_200 / 4 / 2e6)
-    assert m["tokens/s"] == 12.5 and m["tokens/s/rollout"] == 100 and m["tokens/s/step"] == 40
+    assert m["tokens/s/train"] == 12.5 and m["tokens/s/rollout"] == 100 and m["tokens/s/step"] == 40
     assert m["sync/gbps"] == 4.0
+    # train.py times the whole training side as one "train" stage: same FLOPs, same seconds
+    one = step_throughput({"time/train": 4.0}, arch=a, n_devices=2, peak=1e6, rollout_tokens=0,
+                          train_tokens=100, train_seq_len=5)
+    assert one["mfu"] == m["mfu"] and "sync/gbps" not in one

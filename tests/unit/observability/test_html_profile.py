@@ -46,11 +46,11 @@ def test_pick_and_write(tmp_path):
     assert not list((tmp_path / "html").glob("*.tmp"))
 
 
-STEPS = [  # synthetic per-step metrics; step 0 is warm-up and skipped
-    {"time/rollout": 99.0, "time/policy": 99.0, "time/step": 300.0, "memory/peak_gb": 90.0},
-    {"time/rollout": 6.0, "time/policy": 2.0, "time/weight_sync": 1.0, "time/step": 10.0,
+STEPS = [  # synthetic per-step metrics as train.py reports them; step 0 is warm-up and skipped
+    {"time/rollout": 99.0, "time/train": 99.0, "time/step": 300.0, "memory/peak_gb": 90.0},
+    {"time/rollout": 6.0, "time/train": 2.0, "time/weight_sync": 1.0, "time/step": 10.0,
      "tokens/s": 1000.0, "mfu": 0.30, "sync/gbps": 20.0, "memory/peak_gb": 40.0},
-    {"time/rollout": 8.0, "time/policy": 4.0, "time/weight_sync": 1.0, "time/step": 14.0,
+    {"time/rollout": 8.0, "time/train": 4.0, "time/weight_sync": 1.0, "time/step": 14.0,
      "tokens/s": 3000.0, "mfu": 0.40, "sync/gbps": 30.0, "tokens/s/rollout": 500.0, "memory/peak_gb": 42.5},
 ]
 
@@ -58,15 +58,17 @@ STEPS = [  # synthetic per-step metrics; step 0 is warm-up and skipped
 def test_profile_summary_hand_computed():
     s = summarize(STEPS)
     assert s["steps"] == 2 and s["step_s"] == 12.0
-    assert s["stages"] == {"rollout": 7.0, "policy": 3.0, "weight_sync": 1.0}
-    assert s["rates"]["policy"] == {"tokens/s": 2000.0, "mfu": pytest.approx(0.35)}
+    assert s["stages"] == {"rollout": 7.0, "train": 3.0, "weight_sync": 1.0}
+    assert s["rates"]["train"] == {"mfu": pytest.approx(0.35)}
+    assert s["tokens/s"] == 2000.0  # a whole-step rate: on the step row
     assert s["rates"]["weight_sync"] == {"sync/gbps": 25.0}
     assert s["rates"]["rollout"] == {"tokens/s": 500.0}
     assert s["peak_gb"] == 42.5  # the warm-up step's 90 GiB is excluded
     table = format_profile_table(STEPS)
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:]}
     assert rows["rollout"][1:4] == ["7.000", "58.3%", "500"]
-    assert rows["policy"][1:5] == ["3.000", "25.0%", "2000", "35.0%"]
+    assert rows["train"][1:5] == ["3.000", "25.0%", "-", "35.0%"]
+    assert rows["step"][1:5] == ["12.000", "100.0%", "2000", "35.0%"]
     assert rows["weight_sync"][-1] == "25.00"
     assert rows["(untimed)"][1:] == ["1.000", "8.3%"]
     assert "peak memory: 42.50 GiB" in table
