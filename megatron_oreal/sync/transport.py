@@ -95,7 +95,8 @@ def serialize_payload(obj: Any) -> str:
 _ALLOWED = {
     ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "int"), ("builtins", "str"),
     ("types", "SimpleNamespace"), ("copyreg", "__newobj__"),
-    ("torch", "Size"), ("torch", "device"), ("torch", "dtype"),
+    ("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch", "dtype"),
+    ("torch._tensor", "_rebuild_from_type_v2"), ("torch.nn.parameter", "Parameter"),
     ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
     ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"), ("torch", "UntypedStorage"),
     ("torch.multiprocessing.reductions", "rebuild_tensor"),

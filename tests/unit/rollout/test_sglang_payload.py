@@ -1,0 +1,337 @@
+"""SGLang engine on CPU: request payloads, response parsing, and the HTTP engine against a fake
+SGLang server subprocess on 127.0.0.1 (generate, weight sync, release/resume, restart on death).
+When sglang is installed, the payloads are also validated by SGLang's own classes.
+
+Run as a script (`python test_sglang_payload.py serve PORT LOG DIR decode|count`) this file *is* the
+fake server (stdlib only unless it decodes weight payloads, which needs torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+POISON = 999_999  # a prompt starting with this token kills the fake server (once per marker file)
+
+
+# ------------------------------------------------------------------------------------ fake server
+def _fake_generate(body: dict) -> list:
+    out = []
+    for ids, sp in zip(body["input_ids"], body["sampling_params"]):
+        m = sp["max_new_tokens"]
+        toks = [100 + (sp["sampling_seed"] >> (8 * k)) % 50 for k in range(min(m, 4))]
+        stops = sp.get("stop_token_ids") or []
+        if len(toks) < m and stops:
+            # real SGLang keeps the stop token in output_ids; leave it out for prompts starting
+            # with 7 so the client's re-append path is exercised too
+            if ids[0] != 7:
+                toks.append(stops[0])
+            finish = {"type": "stop", "matched": stops[0]}
+        else:
+            finish = {"type": "length", "length": m}
+        meta = {"finish_reason": finish, "prompt_tokens": len(ids)}
+        if body.get("return_logprob"):
+            meta["output_token_logprobs"] = [[-0.25 * (k + 1), t, None] for k, t in enumerate(toks)]
+        out.append({"output_ids": toks, "meta_info": meta})
+    return out
+
+
+def _fake_update(body: dict) -> dict:
+    import torch
+
+    from megatron_oreal.sync.buckets import unflatten
+    from megatron_oreal.sync.transport import deserialize_payload
+
+    digests = {}
+    for payload in body["serialized_named_tensors"]:
+        obj = deserialize_payload(payload)
+        for name, t in unflatten(obj["flattened_tensor"], obj["metadata"]):
+            digests[name] = [str(t.dtype), list(t.shape), hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()]
+    return digests
+
+
+def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
+    released: set[str] = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _reply(self, code: int, obj) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply(200, None) if self.path == "/health" else self._reply(404, {"error": self.path})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+            entry = {"path": self.path, "pid": os.getpid()}
+            code, reply = 200, None
+            if self.path == "/generate":
+                if any(ids and ids[0] == POISON for ids in body["input_ids"]):
+                    marker = os.path.join(state_dir, "poisoned")
+                    if not os.path.exists(marker):
+                        open(marker, "w").close()
+                        os._exit(3)  # die mid-request, as a crashed scheduler would
+                reply = _fake_generate(body)
+                entry["n"] = len(body["input_ids"])
+            elif self.path == "/update_weights_from_tensor":
+                entry["load_format"], entry["flush_cache"] = body["load_format"], body["flush_cache"]
+                # decoding imports torch (seconds on a loaded machine): only where a test reads it
+                entry["tensors"] = _fake_update(body) if decode else len(body["serialized_named_tensors"])
+                reply = {"success": True, "message": "ok"}
+            elif self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
+                tags = body["tags"]
+                entry["tags"] = tags
+                if self.path.startswith("/resume") and not set(tags) <= released:
+                    code, reply = 400, {"error": f"KeyError {sorted(set(tags) - released)}"}
+                else:
+                    (released.update if self.path.startswith("/release") else released.difference_update)(tags)
+            elif self.path == "/weights_checker":
+                entry["action"] = body["action"]
+                reply = {"success": True, "message": ""}
+            elif self.path in ("/pause_generation", "/continue_generation", "/flush_cache"):
+                entry["body"] = body
+            else:
+                code, reply = 404, {"error": self.path}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self._reply(code, reply)
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def fake_engine(tmp_path):
+    from megatron_oreal.rollout.sglang_engine import SGLangEngine, free_port
+
+    import torch.multiprocessing
+
+    # CPU tensors cross to the fake server as shared-memory files; the default fd strategy needs the
+    # receiver to share our multiprocessing authkey (CUDA tensors go as IPC handles either way).
+    old = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    engines = []
+
+    def make(**cfg):
+        port = free_port()
+        log = str(tmp_path / "requests.jsonl")
+        mode = "decode" if cfg.pop("decode", False) else "count"
+        cmd = [sys.executable, os.path.abspath(__file__), "serve", str(port), log, str(tmp_path), mode]
+        rollout = SimpleNamespace(tensor_parallel_size=1, fp8=False, max_restarts=cfg.pop("max_restarts", 2),
+                                  sync_bucket_mb=1, check_weights_after_first_sync=cfg.pop("check", False),
+                                  mem_fraction_static=0.5)
+        eng = SGLangEngine(str(tmp_path), None, rollout, port=port, command=cmd, launch_timeout_s=60, **cfg)
+        engines.append(eng)
+        return eng, log
+
+    yield make
+    for eng in engines:
+        eng.close()
+    torch.multiprocessing.set_sharing_strategy(old)
+
+
+# ------------------------------------------------------------------------------------ pure payload tests
+def test_generate_request_maps_our_sampling_params():
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import build_generate_request, sample_seed
+
+    sp = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=10, stop_token_ids=(5, 6),
+                        seed=11, max_total_length=12, return_logprobs=True)
+    body, slots = build_generate_request([[1, 2, 3], [4] * 12, [8, 9]], sp)
+    assert slots == [(0, 0), (0, 1), (2, 0), (2, 1)]  # prompt 1 has no budget left: not sent
+    assert body["input_ids"] == [[1, 2, 3], [1, 2, 3], [8, 9], [8, 9]]
+    assert body["return_logprob"] is True and body["stream"] is False
+    p0 = body["sampling_params"][0]
+    assert p0 == {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "stop_token_ids": [5, 6],
+                  "sampling_seed": sample_seed(11, 0, 0)}
+    assert body["sampling_params"][2]["max_new_tokens"] == 10  # min(10, 12 - 2)
+    seeds = [p["sampling_seed"] for p in body["sampling_params"]]
+    assert len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(11, 0, 1) != sample_seed(12, 0, 1) and sample_seed(11, 0, 1) == seeds[1]
+    greedy, _ = build_generate_request([[1]], SamplingParams(top_k=5, temperature=0.0))
+    assert greedy["sampling_params"][0]["top_k"] == 5 and greedy["sampling_params"][0]["stop_token_ids"] is None
+
+
+def test_parse_generate_response():
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import SGLangError, parse_generate_response
+
+    sp = SamplingParams(n=2, max_new_tokens=3, stop_token_ids=(2,), max_total_length=5, return_logprobs=True)
+    prompts = [[1, 1], [1] * 5]
+    reply = [
+        {"output_ids": [7, 2], "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                             "output_token_logprobs": [[-0.1, 7, None], [-0.2, 2, None]]}},
+        {"output_ids": [7], "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                          "output_token_logprobs": [[-0.3, 7, None]]}},
+    ]
+    out = parse_generate_response(reply, [(0, 0), (0, 1)], prompts, sp)
+    assert [o.token_ids for o in out[0]] == [[7, 2], [7, 2]]  # the missing stop token is appended
+    assert out[0][0].logprobs == [-0.1, -0.2] and out[0][0].finish_reason == "stop"
+    assert [(o.token_ids, o.finish_reason) for o in out[1]] == [([], "length"), ([], "length")]
+    with pytest.raises(SGLangError, match="prompt 0 sample 1 finished with .*abort"):
+        bad = [reply[0], {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "oom"}}}]
+        parse_generate_response(bad, [(0, 0), (0, 1)], prompts, sp)
+    with pytest.raises(SGLangError, match="returned 1 results for 2 requests"):
+        parse_generate_response(reply[:1], [(0, 0), (0, 1)], prompts, sp)
+
+
+# ------------------------------------------------------------------------------------ fake-server tests
+def test_engine_against_fake_server(fake_engine):
+    import torch
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import sample_seed
+
+    eng, log = fake_engine(decode=True)
+    assert eng.health()
+    sp = SamplingParams(n=3, max_new_tokens=6, stop_token_ids=(0,), seed=4, return_logprobs=True)
+    out = eng.generate([[5, 1], [7, 1]], sp)
+    assert [len(o) for o in out] == [3, 3]
+    expect = [100 + (sample_seed(4, 1, 2) >> (8 * k)) % 50 for k in range(4)] + [0]
+    assert out[1][2].token_ids == expect and out[1][2].finish_reason == "stop"  # stop re-appended (prompt 7)
+    assert out[0][0].logprobs == [-0.25, -0.5, -0.75, -1.0, -1.25]
+    assert out[0][1].token_ids != out[0][0].token_ids  # different seeds per sample
+
+    # the training-phase choreography: release everything, then a sync, then everything is back
+    eng.release_memory()
+    g = torch.Generator().manual_seed(0)
+    weights = {"model.layers.0.mlp.up_proj.weight": torch.randn(600, 1000, generator=g).to(torch.bfloat16),
+               "model.norm.weight": torch.randn(500, generator=g),
+               "model.embed_tokens.weight": torch.randn(300, 500, generator=g).to(torch.bfloat16)}
+    eng.update_weights(weights.items())
+    paths = [e["path"] for e in _log(log)]
+    sync = paths[paths.index("/release_memory_occupation"):]
+    assert sync == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/flush_cache",
+                    "/update_weights_from_tensor", "/update_weights_from_tensor", "/update_weights_from_tensor",
+                    "/flush_cache", "/continue_generation", "/resume_memory_occupation"]
+    entries = _log(log)
+    tags = [e["tags"] for e in entries if "tags" in e]
+    assert tags == [["weights", "kv_cache", "cuda_graph"], ["weights"], ["kv_cache", "cuda_graph"]]
+    updates = [e for e in entries if e["path"] == "/update_weights_from_tensor"]
+    assert all(u["load_format"] == "flattened_bucket" and u["flush_cache"] is False for u in updates)
+    # 1 MiB buckets: up_proj (1.2 MB bf16) alone, then norm (fp32) + embed (bf16): 2 dtype buffers
+    assert [sorted(u["tensors"]) for u in updates] == [["model.layers.0.mlp.up_proj.weight"], ["model.norm.weight"],
+                                                       ["model.embed_tokens.weight"]]
+    got = {k: v for u in updates for k, v in u["tensors"].items()}
+    for name, t in weights.items():
+        assert got[name][2] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest(), name
+    # resume with nothing released sends nothing (the server would answer KeyError)
+    before = len(_log(log))
+    eng.resume_memory()
+    assert len(_log(log)) == before
+
+
+def test_restart_on_death_and_stale_weights(fake_engine):
+    import torch
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import EngineRestarted, SGLangError
+
+    eng, log = fake_engine(max_restarts=2)
+    sp = SamplingParams(n=1, max_new_tokens=2)
+    first_pid = eng.server.proc.pid
+    # the server dies mid-request: restarted, and the request is retried (no weights synced yet)
+    out = eng.generate([[999_999, 1]], sp)
+    assert len(out[0][0].token_ids) == 2 and eng.restarts == 1 and eng.server.proc.pid != first_pid
+    # after a sync the restarted server would hold stale weights: generate refuses until re-synced
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    os.killpg(eng.server.proc.pid, signal.SIGKILL)
+    eng.server.proc.wait(10)
+    with pytest.raises(EngineRestarted, match="re-sync the weights"):
+        eng.generate([[1, 2]], sp)
+    assert eng.restarts == 2 and eng.needs_resync
+    with pytest.raises(EngineRestarted, match="stale after a restart"):
+        eng.generate([[1, 2]], sp)
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert not eng.needs_resync and eng.generate([[1, 2]], sp)[0][0].finish_reason == "length"
+    # the restart budget is bounded
+    os.killpg(eng.server.proc.pid, signal.SIGKILL)
+    eng.server.proc.wait(10)
+    with pytest.raises(SGLangError, match="died again after 2 restarts"):
+        eng.generate([[1, 2]], sp)
+
+
+def test_weight_check_choreography(fake_engine):
+    import torch
+
+    eng, log = fake_engine(check=True)
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    eng.update_weights([("model.norm.weight", torch.ones(4))])  # only the first sync is checked
+    actions = [e["action"] for e in _log(log) if e["path"] == "/weights_checker"]
+    assert actions == ["snapshot", "reset_tensors", "compare"]
+
+
+def test_startup_failure_names_the_log(tmp_path):
+    from megatron_oreal.rollout.sglang_engine import SGLangEngine, SGLangError, free_port
+
+    cmd = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    with pytest.raises(SGLangError, match="exited with code 7 during start-up"):
+        SGLangEngine(str(tmp_path), None, None, port=free_port(), command=cmd, launch_timeout_s=30)
+    with pytest.raises(TypeError, match="needs an HF checkpoint folder"):
+        SGLangEngine(object())
+
+
+# ------------------------------------------------------------------------------------ real SGLang classes
+def test_payloads_validate_against_sglang_classes():
+    pytest.importorskip("sglang")
+    import torch
+
+    try:
+        import sglang.srt.managers.io_struct as io
+        from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams
+    except Exception as exc:  # pragma: no cover - depends on the local sglang install
+        pytest.skip(f"sglang installed but its io_struct does not import here: {exc}")
+    import pydantic
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import build_generate_request
+    from megatron_oreal.sync.buckets import flatten
+    from megatron_oreal.sync.transport import serialize_payload
+
+    sp = SamplingParams(n=2, temperature=0.0, top_k=0, max_new_tokens=5, stop_token_ids=(3,), seed=1)
+    body, _ = build_generate_request([[1, 2], [4]], sp)
+    req = pydantic.TypeAdapter(io.GenerateReqInput).validate_python(body)
+    assert req.input_ids == body["input_ids"]
+    for params in body["sampling_params"]:
+        SGLSamplingParams(**params).verify(vocab_size=100)  # unknown keys or bad values raise here
+
+    (bucket,) = flatten([("model.layers.0.mlp.up_proj.weight", torch.randn(4, 4))])
+    payload = serialize_payload(bucket.sglang_payload())
+    upd = {"serialized_named_tensors": [payload], "load_format": "flattened_bucket", "flush_cache": False,
+           "weight_version": None}
+    req = pydantic.TypeAdapter(io.UpdateWeightsFromTensorReqInput).validate_python(upd)
+    assert req.load_format == "flattened_bucket" and isinstance(req.serialized_named_tensors[0], bytes)
+    for cls, kw in ((io.ReleaseMemoryOccupationReqInput, {"tags": ["weights", "kv_cache", "cuda_graph"]}),
+                    (io.ResumeMemoryOccupationReqInput, {"tags": ["weights"]}),
+                    (io.PauseGenerationReqInput, {"mode": "abort"}), (io.ContinueGenerationReqInput, {}),
+                    (io.CheckWeightsReqInput, {"action": "compare", "allow_quant_error": False})):
+        pydantic.TypeAdapter(cls).validate_python(kw)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "serve":
+        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "decode")
+    else:
+        sys.exit(f"usage: {sys.argv[0]} serve PORT LOG STATE_DIR decode|count")
