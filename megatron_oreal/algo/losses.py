@@ -70,7 +70,7 @@ def policy_loss(
     Negative ([T:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
     KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike.
     """
-    cu = check_cu_seqlens(cu_seqlens, logp.numel())
+    cu = check_cu_seqlens(cu_seqlens, logp.numel()).to(logp.device)
     num_seqs = cu.numel() - 1
     if advantages.shape != (num_seqs,) or is_positive.shape != (num_seqs,):
         raise ValueError(

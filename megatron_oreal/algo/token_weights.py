@@ -36,20 +36,20 @@ def segment_ids(cu_seqlens: Tensor) -> Tensor:
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Per-sequence sum of a packed [T] tensor -> [S] (differentiable)."""
-    cu = check_cu_seqlens(cu_seqlens, x.numel())
+    cu = check_cu_seqlens(cu_seqlens, x.numel()).to(x.device)
     out = torch.zeros(cu.numel() - 1, dtype=x.dtype, device=x.device)
     return out.index_add(0, segment_ids(cu), x)
 
 
 def sequence_mean(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Per-sequence mean -> [S]; z_i = mean_t w_{i,t} of OREAL.md §3 (differentiable)."""
-    cu = cu_seqlens.long()
+    cu = cu_seqlens.long().to(x.device)
     return segment_sum(x, cu) / (cu[1:] - cu[:-1]).to(x.dtype)
 
 
 def prefix_mean(scores: Tensor, cu_seqlens: Tensor) -> Tensor:
     """c_t = (1/(t+1)) Σ_{k<=t} w_k within each sequence ([T:L769] cumsum / arange), float64 for long rows."""
-    cu = check_cu_seqlens(cu_seqlens, scores.numel())
+    cu = check_cu_seqlens(cu_seqlens, scores.numel()).to(scores.device)  # offsets may live on the host
     seg = segment_ids(cu)
     x = scores.detach().double()
     cs = torch.cumsum(x, 0)

@@ -35,10 +35,9 @@ def token_logprobs(local_logits: Tensor, labels: Tensor, vocab_size: int) -> Ten
     """log π(label) per position from a vocab-parallel logits shard [B, L, V_pad/TP] -> [B, L], fp32."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    # vocab_parallel_cross_entropy subtracts the max in place; the logits are read by nobody else
+    # (Megatron's own compute_language_model_loss passes them the same way, saving an [L, V/TP] copy).
     logits = mask_padded_vocab(local_logits.float(), vocab_size)
-    # vocab_parallel_cross_entropy subtracts the max in place: hand it a tensor nobody else reads.
-    if logits.data_ptr() == local_logits.data_ptr():
-        logits = logits.clone()
     return -vocab_parallel_cross_entropy(logits, labels)
 
 

@@ -68,6 +68,24 @@ def _all_reduce_counts(mbs: list[MicroBatch], layout) -> dict[str, float]:
     return dict(zip(keys, vec.tolist()))
 
 
+def _match_reference_dtypes(reference, ddp_model) -> None:
+    """Cast the reference snapshot to the live parameter dtypes after wrapping.
+
+    Float16Module (bf16 runs) casts every parameter, including the norms the local spec builds in
+    fp32, *after* the caller snapshotted the initial weights; ReferenceWeights refuses mismatched
+    dtypes. Casting the snapshot once here is exactly what the bf16 policy would compute with.
+    (Adapter over model.ReferenceWeights internals; see the report's request to cast on copy there.)
+    """
+    live = dict(unwrap(ddp_model).named_parameters())
+    snap, stash = getattr(reference, "_ref", None), getattr(reference, "_stash", None)
+    if snap is None or stash is None:
+        return
+    for name, p in live.items():
+        if name in snap and snap[name].dtype != p.dtype:
+            snap[name] = snap[name].to(p.dtype)
+            stash[name] = torch.empty_like(snap[name])
+
+
 class OrealTrainer:
     """Owns the DDP-wrapped policy and token RM and their optimizers; `update` is one RL step."""
 
@@ -91,6 +109,8 @@ class OrealTrainer:
         self.vocab_size = unwrap(policy).arch.vocab_size
         self.reference = reference
         self.policy = optim.wrap_ddp(policy, distributed_optimizer=distributed_optimizer)
+        if reference is not None:
+            _match_reference_dtypes(reference, self.policy)
         self.policy_opt = optim.build_optimizer(self.policy, policy_optim_cfg, distributed_optimizer=distributed_optimizer)
         self.use_rm = token_rm is not None and algo_cfg.token_weighting != "none"
         self.token_rm = self.rm_opt = None
@@ -148,7 +168,7 @@ class OrealTrainer:
             metrics.update(rm_metrics)
         else:
             weights = {}
-        ref = self._ref_pass(mbs) if self.algo.kl_coef != 0.0 else {}
+        ref = self._ref_pass(mbs) if self.algo.kl_coef != 0.0 and self.reference is not None else {}
 
         train_actor = step >= self.algo.actor_freeze_steps
 
