@@ -1,0 +1,160 @@
+"""Jobs on a real local Slurm (see conftest.py): the tiny-run sbatch script, preemption and requeue.
+
+The job script under test is the real examples/slurm/tiny_cpu.sbatch. Until the trainer exists it
+runs tests/slurm/standin_train.py through OREAL_TRAIN_CMD (the same launch path: srun, dist_env,
+gloo, PreemptionHandler, finish_preemption); STANDIN below is the one switch to flip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_oreal.launch.signals import EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "slurm" / "tiny_cpu.sbatch"
+STANDIN = [sys.executable, "tests/slurm/standin_train.py"]  # switch: the trainer command, once it lands
+
+
+@pytest.fixture
+def jobs():
+    """Job ids submitted by a test; cancelled at teardown so a failed test leaves nothing queued."""
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+def _submit(jobs: list[str], out_dir: Path, train_cmd: list[str], *extra: str) -> str:
+    env = dict(os.environ, OREAL_TRAIN_CMD=" ".join(train_cmd), PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out_dir}/%x-%j.out", "--export=ALL", *extra, str(SCRIPT)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"sbatch {SCRIPT} failed: {proc.stderr}"
+    jobs.append(proc.stdout.strip().split(";")[0])
+    return jobs[-1]
+
+
+def _job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+    return fields
+
+
+def _wait(what: str, predicate, timeout: float, job_id: str, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], timeout=30)
+    text = log.read_text() if log is not None and log.exists() else "(no log)"
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; job {job_id}: {_job(job_id)}\nlog:\n{text}")
+
+
+def _finished(job_id: str):
+    state = _job(job_id).get("JobState", "")
+    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else None
+
+
+def test_tiny_sbatch_two_ranks_allreduce(slurm_cluster, jobs, tmp_path):
+    """2 tasks from the sbatch script find each other via dist_env() and all-reduce over gloo."""
+    t0 = time.monotonic()
+    job = _submit(jobs, tmp_path, [*STANDIN, "--state-dir", str(tmp_path), "--steps", "3"])
+    log = tmp_path / f"oreal-tiny-{job}.out"
+    state = _wait("the job to finish", lambda: _finished(job), 300, job, log)
+    text = log.read_text()
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{text}"
+    result = json.loads((tmp_path / "result.json").read_text())
+    host = socket.gethostname().split(".")[0]
+    ranks = sorted(result["ranks"])
+    # [rank, local_rank, local_world_size, hostname, master_addr, master_port]
+    assert [r[:3] for r in ranks] == [[0, 0, 2], [1, 1, 2]]
+    assert {r[4] for r in ranks} == {host}  # MASTER_ADDR from `scontrol show hostnames`
+    assert {r[5] for r in ranks} == {20000 + int(job) % 20000}
+    assert result["allreduce_sum"] == 1 + 2
+    assert result["state"]["total"] == 3 * (1 + 2) and result["state"]["step"] == 3
+    (run,) = result["state"]["runs"]
+    assert run == {"restart_count": 0, "start_step": 0, "launcher": "slurm", "world_size": 2,
+                   "stop_step": 3, "signal": None, "exit_code": 0}  # fmt: skip
+    assert f"rendezvous {host}:{20000 + int(job) % 20000}" in text
+    assert "step exited with status 0" in text
+    print(f"2-rank sbatch job: {time.monotonic() - t0:.1f} s")
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, jobs, tmp_path):
+    """USR1 to the batch shell -> forwarded to the ranks -> save, exit 75, self-requeue -> resume -> finish."""
+    t0 = time.monotonic()
+    steps = 10
+    job = _submit(jobs, tmp_path, [*STANDIN, "--state-dir", str(tmp_path), "--steps", str(steps), "--step-seconds", "1"])
+    log = tmp_path / f"oreal-tiny-{job}.out"
+    progress = tmp_path / "progress"
+    _wait("step 2", lambda: progress.exists() and progress.read_text().strip() not in ("", "1"), 300, job, log)
+    # What `#SBATCH --signal=B:USR1@120` does at the time limit, without waiting for it.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+    t_signal = time.monotonic()
+    info = _wait("the requeued run to finish", lambda: _finished(job) and _job(job), 400, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"job {job} ended {info['JobState']}:\n{text}"
+    assert info["Restarts"] == "1", f"expected exactly one requeue:\n{text}"
+    state = json.loads((tmp_path / "state.json").read_text())
+    first, second = state["runs"]
+    assert first["restart_count"] == 0 and first["signal"] == "SIGUSR1"
+    assert first["exit_code"] == EXIT_PREEMPTED
+    assert 2 <= first["stop_step"] < steps, "the run must stop at a step boundary after the signal, not at the end"
+    assert second["restart_count"] == 1 and second["start_step"] == first["stop_step"]  # resumed, not restarted
+    assert second["stop_step"] == steps and second["signal"] is None
+    assert state["total"] == steps * (1 + 2)  # every step counted exactly once across the two runs
+    # The log (appended across restarts) shows the forwarding, the requeue, the exit code and the rerun.
+    assert "batch shell got USR1: forwarding to srun" in text
+    assert text.count("received SIGUSR1") == 2  # both ranks
+    assert "requeued Slurm job" in text
+    assert f"exit {EXIT_PREEMPTED}" in text or f"exit code {EXIT_PREEMPTED}" in text
+    assert "restart 1:" in text and "step exited with status 0" in text
+    print(f"preempt+requeue job: {time.monotonic() - t0:.1f} s ({time.monotonic() - t_signal:.1f} s after USR1)")
+
+
+_CANCEL_PROBE = """
+import sys, time
+from megatron_oreal.launch.signals import PreemptionHandler, requeue_if_slurm
+with PreemptionHandler() as p:
+    print("ready", flush=True)
+    while not p.requested:
+        time.sleep(0.05)
+    print("got", p.signal_name, "requeued:", requeue_if_slurm(), flush=True)
+"""
+
+
+def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
+    """A plain `scancel` also sends SIGTERM, but the user's cancel must win over our self-requeue."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_CANCEL_PROBE)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--requeue", "-n1", f"--chdir={REPO}", f"--output={tmp_path}/cancel-%j.out",
+         "--export=ALL", f"--wrap=srun {sys.executable} {probe}"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    job = proc.stdout.strip().split(";")[0]
+    jobs.append(job)
+    log = tmp_path / f"cancel-{job}.out"
+    _wait("the probe to start", lambda: log.exists() and "ready" in log.read_text(), 120, job, log)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    _wait("the probe's answer", lambda: "requeued:" in log.read_text(), 60, job, log)
+    text = log.read_text()
+    assert "got SIGTERM requeued: False" in text, text
+    assert "not RUNNING: not requeueing" in text
+    info = _wait("the job to end", lambda: _finished(job) and _job(job), 60, job, log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
