@@ -7,7 +7,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from megatron_oreal.observability.flops import GPUS, arch_from_hf_config, mfu, train_flops_per_token
+from megatron_oreal.observability.flops import GPUS, arch_from_hf_config, step_throughput
 from megatron_oreal.observability.tb import console_line
 from megatron_oreal.types import Group, TrainBatch
 
@@ -55,23 +55,21 @@ class StepLog:
             metrics["loss/token_rm"] = metrics["rm/loss"]
         if "policy/kl" in metrics:
             metrics["kl/ref"] = metrics["policy/kl"]
-        # Throughput: every generated token is sampled; trained tokens pass policy fwd+bwd, the
-        # reference fwd and the RM fwd+bwd. MFU counts the model FLOPs of the training stage only.
+        # Throughput and MFU (observability/flops.py): trained tokens pass the policy and the RM
+        # forward+backward and the reference forward; every generated token counts for rollout.
         gen_tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
         train_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences)
         step_s = metrics.get("time/step", 0.0)
         st.tokens += gen_tokens
         metrics["tokens/generated"] = float(gen_tokens)
-        metrics["tokens/s"] = gen_tokens / step_s if step_s > 0 else 0.0
-        train_s = metrics.get("time/train", 0.0)
-        if train_tokens and train_s > 0:
-            seq = train_tokens / max(batch.num_sequences, 1)
-            per_token, _ = train_flops_per_token(self.arch, seq, recompute=self.cfg.policy.recompute)
-            models = 1 + (4 / 3 if r.trainer.token_rm is not None else 0) + 1 / 3  # policy, RM, reference fwd
-            metrics["mfu"] = mfu(per_token * models * train_tokens, train_s, r.layout.world_size,
-                                 self.device.bf16_flops)
-        if "sync/seconds" in metrics and metrics["sync/seconds"] > 0:
-            metrics.setdefault("sync/gbps", metrics.get("sync/gb_per_s", 0.0))
+        trained = 1 + (r.trainer.token_rm is not None)
+        metrics.update(step_throughput(
+            metrics, arch=self.arch, n_devices=r.layout.world_size, peak=self.device.bf16_flops,
+            rollout_tokens=gen_tokens, train_tokens=train_tokens,
+            train_seq_len=train_tokens / max(batch.num_sequences, 1),
+            trained_models=trained if not metrics.get("policy/frozen") else trained - 1,
+            forward_only_passes=1.0 + bool(metrics.get("policy/frozen")), sync_bytes=metrics.get("sync/bytes", 0.0)))
+        metrics["tokens/s"] = metrics["tokens/s/step"]
         self.step_times.append(step_s)
         recent = self.step_times[-10:]
         if r.layout.is_main and (step + 1) % max(self.cfg.log.console_every, 1) == 0:

@@ -14,9 +14,11 @@ import sys
 import time
 from typing import Callable
 
+import torch
+
 from megatron_oreal.algo.selection import build_train_batch
 from megatron_oreal.config import ConfigError, RunConfig, load_config
-from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, requeue_if_slurm
+from megatron_oreal.launch.signals import PreemptionHandler, finish_preemption
 from megatron_oreal.runtime import Run, RunError, log
 from megatron_oreal.stages import rollout_and_score
 from megatron_oreal.step_log import StepLog
@@ -24,7 +26,11 @@ from megatron_oreal.step_log import StepLog
 
 def run(cfg: RunConfig, *, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train until cfg.steps (or max_steps more steps); returns the summary (also RUN_DIR/summary.json)."""
-    preemption = PreemptionHandler()
+    with PreemptionHandler() as preemption:
+        return _train(cfg, preemption, max_steps, on_step)
+
+
+def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None, on_step) -> dict:
     r = Run(cfg)
     try:
         resumed = r.maybe_resume()
@@ -53,15 +59,14 @@ def run(cfg: RunConfig, *, max_steps: int | None = None, on_step: Callable[[int,
             done = step + 1 == end
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0) or done:
                 r.evaluate(step + 1)
-            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
+            stop = preemption.should_stop()  # collective: every rank stops at the same step
+            if stop or done or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 r.save(step + 1)
-            elif preemption.requested_everywhere():
-                r.save(step + 1)
-            if preemption.requested_everywhere() and not done:
-                log(f"{preemption.signal_name} received: checkpoint written at step {step + 1}, exiting "
-                    f"with code {EXIT_PREEMPTED}", r.rank)
-                requeue_if_slurm()
-                raise SystemExit(EXIT_PREEMPTED)
+            if stop and not done:
+                code = finish_preemption(r.layout.is_main, torch.distributed.barrier)
+                log(f"{preemption.signal_name or 'preemption'} received: checkpoint written at step {step + 1}, "
+                    f"exiting with code {code}", r.rank)
+                raise SystemExit(code)
         summary = steplog.summary()
         if r.state.step >= cfg.steps and cfg.checkpoint.export_hf:
             r.export_hf(r.run_dir / "hf")
@@ -70,7 +75,6 @@ def run(cfg: RunConfig, *, max_steps: int | None = None, on_step: Callable[[int,
         return summary
     finally:
         r.close()
-        preemption.restore()
 
 
 def main(argv: list[str] | None = None) -> int:
