@@ -1,0 +1,113 @@
+"""PreemptionHandler, finish_preemption, requeue_if_slurm and agree_any."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers.torchrun import run_torchrun
+from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, requeue_if_slurm
+
+WORKER = Path(__file__).with_name("preempt_worker.py")
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_exit_code_is_distinct_from_crashes_and_signal_deaths():
+    assert EXIT_PREEMPTED == 75  # EX_TEMPFAIL; documented in signals.py and examples/slurm/common.sh
+    assert EXIT_PREEMPTED not in (0, 1, 2) and EXIT_PREEMPTED < 128
+    common = (REPO / "examples" / "slurm" / "common.sh").read_text()
+    assert f"OREAL_EXIT_PREEMPTED={EXIT_PREEMPTED}" in common
+
+
+def test_sigterm_mid_stage_finishes_stage_saves_exits_then_resumes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(WORKER), "single", "--dir", str(tmp_path), "--steps", "4", "--stage-seconds", "0.6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:  # wait until stage 2 is running, then interrupt it
+            if line.strip() == "stage 2 start":
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "stage 3 start" not in rest  # stopped at the boundary after the interrupted stage
+    assert "received SIGTERM: stopping after this stage" in err
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 2 and state["signal"] == "SIGTERM"
+    assert min(state["stages"]) >= 0.6  # the interrupted stage ran to its end
+    # The rerun resumes at stage 3 and finishes.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:3] == ["stage", "3", "start"]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 4 and len(state["stages"]) == 4 and state["signal"] is None
+
+
+def test_handler_records_first_signal_and_restores_previous_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler() as h:
+        assert not h.requested and h.signal_name is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert h.requested and h.signal_name == "SIGUSR1" and h.count == 2
+        assert h.should_stop()  # no process group: the local flag
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_install_outside_main_thread_is_an_error():
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, PreemptionHandler().install)))
+    t.start()
+    t.join()
+    assert "main thread" in str(errors[0].value)
+
+
+class FakeScontrol:
+    """Records scontrol calls; answers `show job` with the given state and `requeue` with rc."""
+
+    def __init__(self, state: str | None, requeue_rc: int = 0):
+        self.state, self.requeue_rc, self.calls = state, requeue_rc, []
+
+    def __call__(self, cmd, **kwargs):
+        self.calls.append(cmd[1:])
+        if cmd[1] == "show":
+            if self.state is None:
+                return subprocess.CompletedProcess(cmd, 1, "", "slurm_load_jobs error")
+            return subprocess.CompletedProcess(cmd, 0, f"JobId=42 JobName=x JobState={self.state} Reason=None\n", "")
+        return subprocess.CompletedProcess(cmd, self.requeue_rc, "", "Invalid job id" if self.requeue_rc else "")
+
+
+def test_requeue_only_under_slurm_and_only_when_running():
+    fake = FakeScontrol("RUNNING")
+    assert requeue_if_slurm({}, runner=fake) is False and fake.calls == []  # not a Slurm job
+    assert requeue_if_slurm({"SLURM_JOB_ID": "42"}, runner=fake) is True
+    assert fake.calls == [["show", "job", "-o", "42"], ["requeue", "42"]]
+    # scancel / time limit: the job is already COMPLETING when the tasks get SIGTERM.
+    for state in ("COMPLETING", "CANCELLED", "TIMEOUT"):
+        fake = FakeScontrol(state)
+        assert requeue_if_slurm({"SLURM_JOB_ID": "42"}, runner=fake) is False
+        assert ["requeue", "42"] not in fake.calls
+    fake = FakeScontrol(None)  # state unreadable: still try
+    assert requeue_if_slurm({"SLURM_JOB_ID": "42"}, runner=fake) is True
+    fake = FakeScontrol("RUNNING", requeue_rc=1)  # rejected: reported, not raised
+    assert requeue_if_slurm({"SLURM_JOB_ID": "42"}, runner=fake) is False
+
+
+@pytest.mark.slow
+def test_ranks_agree_to_stop_at_the_same_step():
+    """Only rank 1 is signalled (mid stage 2); both ranks stop after stage 2 and return EXIT_PREEMPTED."""
+    out = run_torchrun(WORKER, 2, ["dist", "--steps", "5", "--stage-seconds", "0.4"], timeout=180)
+    lines = sorted((json.loads(x) for x in out.splitlines() if x.startswith("{")), key=lambda d: d["rank"])
+    assert lines == [
+        {"rank": 0, "stop_step": 2, "requested": False, "signal": None, "code": EXIT_PREEMPTED},
+        {"rank": 1, "stop_step": 2, "requested": True, "signal": "SIGUSR1", "code": EXIT_PREEMPTED},
+    ]
