@@ -57,8 +57,11 @@ class MicroBatch:
         """
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = self.cu_seqlens.to(device=self.tokens.device, dtype=torch.int32)
+        cu = self.cu_seqlens.to(dtype=torch.int32)
+        if int(cu[-1]) < self.tokens.shape[1]:  # trailing padding (pad_to_multiple) is a sequence of its own
+            cu = torch.cat([cu, torch.tensor([self.tokens.shape[1]], dtype=torch.int32)])
         max_len = int((cu[1:] - cu[:-1]).max())
+        cu = cu.to(self.tokens.device)
         return PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
         )

@@ -122,8 +122,10 @@ class OrealTrainer:
 
     # ------------------------------------------------------------------ helpers
     def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
+        # FP8 GEMMs (Transformer Engine) need the token dimension in multiples of 16.
+        pad = 16 if getattr(unwrap(self.policy).config, "fp8", None) else 1
         return build_micro_batches(batch, self.layout.dp_rank, self.layout.dp, self.micro_batch_tokens,
-                                   with_mask=not uses_thd(self.policy))
+                                   with_mask=not uses_thd(self.policy), pad_to_multiple=pad)
 
     def _rm_pass(self, mbs, counts, step):
         """Token-RM forward/backward + step; returns (ω⁺, ω⁻) per micro-batch (last stage) and metrics."""

@@ -87,3 +87,12 @@ def test_loss_sum_over_micro_batches_equals_whole_batch():
 
     assert total([[0], [1], [2]]) == pytest.approx(total([[0, 1, 2]]), abs=1e-7)
     assert total([[2, 0], [1]]) == pytest.approx(total([[0, 1, 2]]), abs=1e-7)
+
+
+def test_thd_params_for_the_gpu_path():
+    pytest.importorskip("megatron.core")
+    mb = pack_sequences(_batch(), [0, 1], with_mask=False, pad_to_multiple=16)
+    p = mb.packed_seq_params()
+    assert p.qkv_format == "thd" and p.cu_seqlens_q.dtype == torch.int32
+    assert p.cu_seqlens_q.tolist() == [0, 5, 9, 16] and p.max_seqlen_q == 7  # padding is its own sequence
+    assert mb.attention_mask is None
