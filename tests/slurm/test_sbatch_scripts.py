@@ -1,0 +1,54 @@
+"""Static checks of examples/slurm/*.sbatch (no Slurm needed): the GPU scripts cannot run here,
+so what they must contain is checked against what the local-Slurm tests proved for tiny_cpu.sbatch."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SLURM_DIR = Path(__file__).resolve().parents[2] / "examples" / "slurm"
+SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch"))
+
+
+def _directives(text: str) -> dict[str, str]:
+    out = {}
+    for m in re.finditer(r"^#SBATCH\s+--([\w-]+)(?:=(\S+))?", text, re.M):
+        out[m.group(1)] = m.group(2) or ""
+    return out
+
+
+def test_all_scripts_found():
+    assert {p.name for p in SCRIPTS} >= {"tiny_cpu.sbatch", "train_1node.sbatch", "train_multinode.sbatch"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_script_shape(script):
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, f"{script}: bash syntax"
+    d = _directives(text)
+    assert "requeue" in d, f"{script.name}: needs #SBATCH --requeue (scontrol requeue of a --no-requeue job fails)"
+    assert d.get("open-mode") == "append", f"{script.name}: the log must survive a requeue (--open-mode=append)"
+    assert re.fullmatch(r"B:USR1@\d+", d.get("signal", "")), f"{script.name}: needs --signal=B:USR1@<seconds>"
+    assert int(d["signal"].split("@")[1]) >= 60, f"{script.name}: Slurm checks the warning ~once a minute"
+    assert "%j" in d.get("output", ""), f"{script.name}: one log per job (%j in --output)"
+    assert "source" in text and "examples/slurm/common.sh" in text and "oreal_srun" in text
+    assert not re.search(r"\b(pkill|killall)\b", text), f"{script.name}: never kill by name"
+    assert "--kill-on-bad-exit=1" in text
+
+
+@pytest.mark.parametrize("name", ["train_1node.sbatch", "train_multinode.sbatch"])
+def test_gpu_scripts_one_task_per_gpu(name):
+    text = (SLURM_DIR / name).read_text()
+    d = _directives(text)
+    assert d["ntasks-per-node"] == d["gpus-per-node"] == "8"
+    assert "nccl.sh" in text and "torchrun" not in text.split("#SBATCH")[-1]
+
+
+def test_common_sh_forwards_only_to_its_own_srun():
+    text = (SLURM_DIR / "common.sh").read_text()
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
+    assert "20000 + SLURM_JOB_ID % 20000" in text  # == launch.env.slurm_port
+    assert re.search(r"kill -USR1 \$pid", text) and not re.search(r"\b(pkill|killall)\b", text)
