@@ -47,7 +47,8 @@ def case(tmp_path_factory):
     make_tiny_qwen2(root / "ref", seed=5)  # a different reference, so the KL gradient is non-trivial
     batch = _batch(hf_cfg["vocab_size"])
     algo = AlgoConfig(actor_freeze_steps=3, kl_coef=0.05)
-    rm_head = 0.3 * torch.randn(1, hf_cfg["hidden_size"], generator=torch.Generator().manual_seed(3))
+    # seed 0: ω⁺ and ω⁻ are each non-zero on part of their tokens (56% / 68%), fractional where non-zero
+    rm_head = 0.3 * torch.randn(1, hf_cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
     oracle = oreal_reference_step(str(root / "policy"), str(root / "ref"), batch, algo, rm_head)
     hf = load_hf(str(root / "policy"))
     with torch.no_grad():
@@ -63,6 +64,7 @@ def test_oracle_is_non_trivial(case):
     m = oracle["metrics"]
     assert m["loss/positive"] > 0 and m["loss/negative"] != 0 and m["loss/kl"] > 0 and m["rm/loss"] > 0
     assert all(g.abs().max() > 0 for g in oracle["policy_grads"].values())
+    assert 0.2 < m["tokens/w_pos_nonzero_frac"] < 0.9 and 0.2 < m["tokens/w_neg_nonzero_frac"] < 0.9, m
 
 
 def test_gradients_invariant_to_sharding_and_micro_batching(case):

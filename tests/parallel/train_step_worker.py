@@ -101,7 +101,8 @@ def invariance(workdir: str) -> None:
         if layout.rank == 0:
             _say(layout, "policy_rel", tag, _max_rel(g_pol, oracle["policy_grads"]))
             _say(layout, "rm_rel", tag, _max_rel(g_rm, oracle["rm_grads"]))
-            for key in ("loss/positive", "loss/negative", "loss/kl", "rm/loss"):
+            for key in ("loss/positive", "loss/negative", "loss/kl", "rm/loss", "tokens/w_pos_nonzero_frac",
+                        "tokens/w_neg_nonzero_frac"):
                 want = oracle["metrics"][key]
                 _say(layout, "metric", tag, key, abs(metrics[key] - want) / max(abs(want), 1e-12))
             _say(layout, "microbatches", tag, int(n_mb.item()))

@@ -54,6 +54,7 @@ def oreal_reference_step(policy_dir: str, ref_dir: str | None, batch, algo, rm_h
     n_all, m = n_pos + n_neg, float(len(seqs))
     loss_actor, loss_rm = torch.zeros(()), torch.zeros(())
     pos_total = neg_total = kl_total = 0.0
+    nz_pos = nz_neg = 0
     for s in seqs:
         lp = response_logprobs(policy, s.prompt_ids, s.response_ids)
         with torch.no_grad():
@@ -74,10 +75,12 @@ def oreal_reference_step(policy_dir: str, ref_dir: str | None, batch, algo, rm_h
             scale = a if algo.pos_mult_adv else 1.0
             term = algo.positive_loss_factor * scale * (w_p * -lp).sum() / max(n_pos, 1.0)
             pos_total += float(term.detach())
+            nz_pos += int((w_p > 0).sum())
         else:
             ratio = torch.exp(lp - lp.detach())
             term = -algo.negative_loss_factor * (ratio * (a * w_n)).sum() / max(n_neg, 1.0)
             neg_total += float(term.detach())
+            nz_neg += int((w_n > 0).sum())
         d = rl - lp
         kl = algo.kl_coef * (torch.exp(d) - d - 1).sum() / max(n_all, 1.0)
         kl_total += float(kl.detach())
@@ -87,7 +90,9 @@ def oreal_reference_step(policy_dir: str, ref_dir: str | None, batch, algo, rm_h
         "policy_grads": {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                          for n, p in policy.named_parameters()},
         "metrics": {"loss/positive": pos_total, "loss/negative": neg_total, "loss/kl": kl_total,
-                    "rm/loss": float(loss_rm.detach())},
+                    "rm/loss": float(loss_rm.detach()),
+                    "tokens/w_pos_nonzero_frac": nz_pos / max(n_pos, 1.0),
+                    "tokens/w_neg_nonzero_frac": nz_neg / max(n_neg, 1.0)},
     }
     if rm is not None:
         loss_rm.backward()
