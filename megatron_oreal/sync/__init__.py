@@ -47,6 +47,11 @@ def sync_weights(
         metrics.source_seconds += time.perf_counter() - t0
         if bucket is None:
             break
+        if any(t is None for _, t in bucket):
+            # Not a destination of the gather (checkpoint/gather.py fills one rank per replica): the
+            # transport still takes part in its per-bucket collectives, with nothing of its own.
+            transport.send(bucket)
+            continue
         metrics.source_bytes += nbytes_of(bucket)
         if fp8:
             t0 = time.perf_counter()

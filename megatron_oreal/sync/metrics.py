@@ -65,20 +65,22 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 class WeightDigests:
-    """Digests of what was sent, by name, compared afterwards with what the engine holds."""
+    """Digests of what was sent, by name, compared afterwards with what the engine holds. The
+    engine's copy is cast back to the sent dtype first: an engine that keeps fp32 weights while we
+    send bf16 holds them exactly (bf16 -> fp32 -> bf16 is lossless)."""
 
     def __init__(self) -> None:
-        self.sent: dict[str, str] = {}
+        self.sent: dict[str, tuple[torch.dtype, str]] = {}
 
     def add(self, named: list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in named:
-            self.sent[name] = tensor_digest(tensor)
+            self.sent[name] = (tensor.dtype, tensor_digest(tensor))
 
     def compare(self, engine_weights: dict[str, torch.Tensor]) -> list[str]:
         """Names whose engine copy differs from what was sent, or that the engine lacks."""
         bad = []
-        for name, digest in self.sent.items():
+        for name, (dtype, digest) in self.sent.items():
             held = engine_weights.get(name)
-            if held is None or tensor_digest(held) != digest:
+            if held is None or tensor_digest(held.detach().to(dtype)) != digest:
                 bad.append(name)
         return bad

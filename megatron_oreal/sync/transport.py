@@ -57,6 +57,8 @@ class InProcessTransport:
         pass
 
     def send(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        if any(t is None for _, t in named):
+            return 0  # not a destination rank of the gather: nothing to deliver here
         if not self.flat:
             self.engine.update_weights(list(named))
             return 1
@@ -70,12 +72,17 @@ class InProcessTransport:
         pass
 
     def verify(self, digests: WeightDigests) -> list[str]:
+        """Read the engine's weights back: `engine.named_weights()` if it has one, else the HF
+        model's `state_dict()` (the CPU engine wraps an HF model, whose names are the HF names)."""
         read = getattr(self.engine, "named_weights", None)
-        if read is None:
+        if read is not None:
+            return digests.compare(dict(read()))
+        model = getattr(self.engine, "model", None)
+        if model is None or not hasattr(model, "state_dict"):
             raise RuntimeError(
-                f"{type(self.engine).__name__} has no named_weights(): cannot check the engine's weights after a sync"
+                f"{type(self.engine).__name__} has neither named_weights() nor .model: cannot check its weights after a sync"
             )
-        return digests.compare(dict(read()))
+        return digests.compare(model.state_dict())
 
 
 # --- SGLang-compatible serialisation -----------------------------------------------------------
@@ -176,18 +183,30 @@ class SGLangIPCTransport:
         if error:
             raise RuntimeError(f"SGLang weight sync could not start: {error}")
 
-    def send(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        self.inflight = flatten(named)
+    def send(self, named: list[tuple[str, torch.Tensor | None]]) -> int:
+        """Every rank of the group calls this with the same bucket. Ranks that hold the full tensors
+        send their own copy (slime: each TP rank after its all-gather); ranks that hold `None` (the
+        checkpoint gather fills only its destination rank) let the leader serialise its buffers once
+        more for them: one `serialize` per SGLang rank, so each has its own CUDA-IPC ref count
+        (what sglang's Engine does for per-rank payloads, entrypoints/engine.py:1656-1672)."""
+        has_data = all(t is not None for _, t in named)
+        self.inflight = flatten(named) if has_data else []
         try:
-            payloads = [self.serializer(b.sglang_payload()) for b in self.inflight]
+            payloads = [self.serializer(b.sglang_payload()) for b in self.inflight] if has_data else None
             gathered = self._gather(payloads)
             error = None
             if self.engine.is_leader:
-                error = self._post(gathered)
+                if not has_data:
+                    error = ("the engine's leader rank holds no tensors for this bucket: the weight source must "
+                             "deliver full tensors to the first rank of every engine group")
+                else:
+                    gathered = [p if p is not None else [self.serializer(b.sglang_payload()) for b in self.inflight]
+                                for p in gathered]
+                    error = self._post(gathered)
             error = self._share(error)  # every rank waits here until the engine has answered
             if error:
                 raise RuntimeError(f"SGLang update_weights_from_tensor failed: {error}")
-            return len(payloads)
+            return len(self.inflight)
         finally:
             self.inflight = []  # now, and only now, the buffers may be freed
             if torch.cuda.is_available():

@@ -180,3 +180,66 @@ def test_sglang_reads_our_buckets():
         assert torch.equal(theirs.get_flattened_tensor(), bucket.buffer)
         assert [(m.start_idx, m.end_idx, m.numel) for m in theirs.get_metadata()] == [
             (m.start_idx, m.end_idx, m.numel) for m in bucket.metadata]
+
+
+def test_leader_serialises_for_ranks_without_tensors():
+    """The checkpoint gather fills only the first rank of a group: the leader then sends one
+    separately serialised copy of its buffers per engine rank."""
+    import torch.multiprocessing
+
+    old = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        posted = []
+        engine = IPCFakeEngine()
+        engine.update_weights_from_tensor = posted.append
+        serialised = []
+
+        def counting(obj):
+            serialised.append(obj["metadata"][0].name)
+            return serialize_payload(obj)
+
+        transport = engine.transport = SGLangIPCTransport(engine, serializer=counting)
+        transport._gather = lambda payloads: [payloads, None]  # rank 1 of a 2-rank group holds None
+        model = _model()
+        assert transport.send(list(model.items())) == 2
+        # one serialize call per (dtype buffer, engine rank): separate CUDA-IPC ref counts on GPUs
+        assert len(serialised) == 4 and [len(p) for p in posted] == [2, 2]
+        for per_rank in posted:
+            decoded = [dict(unflatten(**{"buffer": o["flattened_tensor"], "metadata": o["metadata"]}))
+                       for o in map(deserialize_payload, per_rank)]
+            assert decoded[0].keys() == decoded[1].keys()
+            for name in decoded[0]:
+                assert torch.equal(decoded[0][name], decoded[1][name]) and torch.equal(decoded[0][name], model[name])
+        # a leader without tensors cannot serve its engine: a clear error on every rank
+        with pytest.raises(RuntimeError, match="leader rank holds no tensors"):
+            transport.send([("x", None)])
+        # and a non-destination rank's sync_weights sends nothing of its own and counts nothing
+        calls = []
+
+        class Quiet:
+            def begin(self, check=False): pass
+            def send(self, named): calls.append(named); return 0
+            def end(self): pass
+
+        m = sync_weights([[("a", None), ("b", None)]], Quiet(), fp8=True)
+        assert calls == [[("a", None), ("b", None)]] and m.bytes == 0 and m.tensors == 0
+    finally:
+        torch.multiprocessing.set_sharing_strategy(old)
+
+
+def test_check_falls_back_to_the_hf_model_state_dict():
+    model = _model()
+
+    class HFLike:  # the CPU engine: an HF model inside, fp32 weights, bf16 tensors sent
+        def __init__(self):
+            self.model = torch.nn.Module()
+            self.held = {n: torch.zeros(t.shape) for n, t in model.items()}
+            self.model.state_dict = lambda: self.held
+
+        def update_weights(self, named):
+            for n, t in named:
+                self.held[n].copy_(t.float())
+
+    m = sync_weights(model.items(), InProcessTransport(HFLike()), check=True)
+    assert m.checked and m.mismatches == []
