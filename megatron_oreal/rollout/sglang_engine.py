@@ -285,9 +285,11 @@ class SGLangEngine:
         self.check_first_sync = getattr(rollout_cfg, "check_weights_after_first_sync", False)
         self.group, self.leader_rank = group, leader_rank
         self.is_leader = group is None or dist.get_rank() == leader_rank
-        group_size = 1 if group is None else dist.get_world_size(group)
-        if group_size != self.tp_size:
-            raise ValueError(f"rollout.tensor_parallel_size={self.tp_size} but the engine group has {group_size} ranks")
+        # group None with tp_size > 1 is a leader-only engine: one trainer rank drives a server that
+        # spans the GPUs of its model-parallel neighbours, and sends every SGLang rank its buffers.
+        if group is not None and dist.get_world_size(group) != self.tp_size:
+            raise ValueError(f"rollout.tensor_parallel_size={self.tp_size} but the engine group has "
+                             f"{dist.get_world_size(group)} ranks")
         self.released: set[str] = set()
         self.synced = False  # the engine holds trainer weights (not only the start-up checkpoint)
         self.needs_resync = False

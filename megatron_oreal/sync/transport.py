@@ -142,8 +142,9 @@ def _patch_cuda_reductions() -> None:
 
 class SGLangIPCTransport:
     """`engine` is this rank's `SGLangEngine` (rollout/sglang_engine.py): `engine.group` is the gloo
-    group of its ranks (None for a one-rank engine), `engine.is_leader` marks the rank that owns the
-    HTTP server, and only the leader calls the engine's HTTP methods."""
+    group of its ranks (None when only the leader takes part), `engine.is_leader` marks the rank
+    that owns the HTTP server, `engine.tp_size` is SGLang's TP size (one payload per SGLang rank);
+    only the leader calls the engine's HTTP methods."""
 
     def __init__(self, engine: Any, *, serializer: Callable[[Any], str] = serialize_payload) -> None:
         self.engine = engine
@@ -200,6 +201,9 @@ class SGLangIPCTransport:
                     error = ("the engine's leader rank holds no tensors for this bucket: the weight source must "
                              "deliver full tensors to the first rank of every engine group")
                 else:
+                    # SGLang TP ranks beyond the group (a leader-only engine: group None, tp_size > 1)
+                    # read the leader's buffers too, over CUDA IPC between GPUs of one node.
+                    gathered = list(gathered) + [None] * (getattr(self.engine, "tp_size", 1) - len(gathered))
                     gathered = [p if p is not None else [self.serializer(b.sglang_payload()) for b in self.inflight]
                                 for p in gathered]
                     error = self._post(gathered)

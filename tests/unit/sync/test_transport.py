@@ -211,6 +211,12 @@ def test_leader_serialises_for_ranks_without_tensors():
             assert decoded[0].keys() == decoded[1].keys()
             for name in decoded[0]:
                 assert torch.equal(decoded[0][name], decoded[1][name]) and torch.equal(decoded[0][name], model[name])
+        # a leader-only engine (no group) with SGLang TP=3 gets three payloads per buffer
+        posted.clear()
+        engine.tp_size = 3
+        del transport._gather
+        assert transport.send([("w", torch.ones(3))]) == 1 and [len(p) for p in posted] == [3]
+        engine.tp_size = 1
         # a leader without tensors cannot serve its engine: a clear error on every rank
         with pytest.raises(RuntimeError, match="leader rank holds no tensors"):
             transport.send([("x", None)])
