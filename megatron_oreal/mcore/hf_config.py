@@ -1,0 +1,187 @@
+"""HF `config.json` -> the architecture facts we use -> Megatron's TransformerConfig.
+
+One function builds Megatron's own config (STYLE.md: "Reuse Megatron's own config"); `ArchSpec` only
+holds the HF-side facts that conversion needs and TransformerConfig does not carry (the unpadded
+vocabulary, tied embeddings, the architecture name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Architectures with a mapping table in megatron_oreal/checkpoint/mapping.py.
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+# Vocabulary padding. Megatron's VocabParallelEmbedding needs vocab % tp == 0, and a distributed
+# checkpoint only reshards if the padded size is the same at every layout, so pad to a multiple of
+# lcm(128 * tp, 1024): 1024 for every tp in {1, 2, 4, 8}, i.e. independent of the layout there.
+# The padding rows are stripped on export (checkpoint/mapping.py) and must be masked (-inf) before
+# any softmax over the vocabulary (model.mask_padded_vocab).
+VOCAB_PAD_BASE = 1024
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = math.lcm(128 * tp, VOCAB_PAD_BASE)
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    architecture: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab_size: int  # HF rows of embed_tokens / lm_head
+    padded_vocab_size: int  # Megatron rows (a multiple of the TP-independent pad, see above)
+    tied: bool
+    qkv_bias: bool
+    rms_eps: float
+    rope_theta: float
+    max_position: int
+    rope_scaling_factor: float | None = None  # llama3-style scaling (Llama 3.1), else None
+
+
+def load_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in HF checkpoint folder {hf_dir!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rope(hf: dict) -> tuple[float, float | None]:
+    # transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "llama3":
+        return theta, float(params["factor"])
+    raise ValueError(f"config.json: rope type {kind!r} is not supported (only default and llama3)")
+
+
+def arch_spec(hf: dict, tp: int = 1) -> ArchSpec:
+    """Validate an HF config dict for our architectures and the TP size; return its facts."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"config.json: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    heads, kv_heads = int(hf["num_attention_heads"]), int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    if heads % kv_heads:
+        raise ValueError(f"config.json: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
+    if heads % tp or kv_heads % tp:
+        raise ValueError(
+            f"config.json: tensor parallel size {tp} must divide num_attention_heads={heads} "
+            f"and num_key_value_heads={kv_heads}"
+        )
+    if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
+        raise ValueError("config.json: use_sliding_window=true is not supported")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+    theta, scaling = _rope(hf)
+    vocab = int(hf["vocab_size"])
+    return ArchSpec(
+        architecture=arch,
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        ffn=int(hf["intermediate_size"]),
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab_size(vocab, tp),
+        tied=bool(hf.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases (transformers Qwen2Attention bias=True); Llama per attention_bias.
+        qkv_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        max_position=int(hf.get("max_position_embeddings", 4096)),
+        rope_scaling_factor=scaling,
+    )
+
+
+def te_available() -> bool:
+    """Transformer Engine usable: importable AND a GPU present (TE's import itself needs CUDA libs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises RuntimeError (not ImportError) when cudnn is missing
+        return False
+    return True
+
+
+def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", **overrides):
+    """TransformerConfig for a Qwen2/Llama HF config at `layout` (tp/pp must match parallel_state).
+
+    dtype: "fp32" | "bf16". fp8: "" | "blockwise" | "tensorwise" (needs TE + CUDA; sets the recipe
+    fields of megatron-core 0.16.1's TransformerConfig: fp8="e4m3", fp8_recipe=<recipe>).
+    `overrides` are passed to TransformerConfig as-is (e.g. recompute_granularity, variable_seq_lengths).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    spec = arch_spec(hf_config, layout.tp)
+    if spec.num_layers % layout.pp:
+        raise ValueError(f"config.json: num_hidden_layers={spec.num_layers} not divisible by pipeline size {layout.pp}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    params_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden,
+        num_attention_heads=spec.heads,
+        num_query_groups=spec.kv_heads,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.ffn,
+        gated_linear_unit=True,  # SwiGLU: fc1 = [gate; up], act = silu(gate) * up
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_eps,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=0.02,
+        # Full master weights are initialised on the CPU then split, so every layout starts equal.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=params_dtype,
+        bf16=dtype == "bf16",
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        # Must stay off on CPU (megatron_core_on_cpu.md §2): each needs TE or apex/CUDA kernels.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+    )
+    if fp8:
+        if fp8 not in ("blockwise", "tensorwise"):
+            raise ValueError(f"fp8 must be '', 'blockwise' or 'tensorwise', got {fp8!r}")
+        if not te_available():
+            raise ValueError(f"fp8={fp8!r} needs Transformer Engine and a CUDA GPU")
+        if dtype != "bf16":
+            raise ValueError("fp8 training needs dtype=bf16 (the non-FP8 ops run in bf16)")
+        # transformer_config.py:429-444 (mcore 0.16.1): fp8 format + recipe; weights stay bf16 masters.
+        kwargs.update(fp8="e4m3", fp8_recipe=fp8, fp8_param=False)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
