@@ -20,6 +20,8 @@ _LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # Bare answers (the brief lets `solution` be just the final answer) are used whole when this short.
 _BARE_ANSWER_MAX = 200
 _MAX_BOXES = 16
+_MAX_BOX_SCAN = 20_000
+_BRACE_RE = re.compile(r"(?<!\\)[{}]")  # `\{` and `\}` are literal braces, not grouping
 
 
 def strip_reasoning(text: str, stop_word: str | None = None) -> str:
@@ -38,18 +40,16 @@ def is_truncated(text: str, stop_word: str) -> bool:
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the `{...}` group opening at text[start], with its end index; None if unbalanced."""
+    """Content of the `{...}` group opening at text[start], with its end index; None if unbalanced.
+
+    Scans at most _MAX_BOX_SCAN characters: a longer box is no answer anyway, and the cap keeps
+    thousands of unclosed `\\boxed{` linear.
+    """
     depth = 0
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "\\":  # `\{` and `\}` are literal braces in LaTeX, not grouping
-            continue
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
+    for m in _BRACE_RE.finditer(text, start, min(len(text), start + _MAX_BOX_SCAN)):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return text[start + 1 : m.start()], m.end()
     return None
 
 
@@ -131,6 +131,8 @@ def extract_answers(text: str) -> list[str]:
         # the last box is the answer; move it last even if it repeated an earlier one
         last_key = re.sub(r"\s+", "", finals[-1])
         return [b for b in distinct if re.sub(r"\s+", "", b) != last_key] + [seen[last_key]]
+    if _BOX_RE.search(text):
+        return []  # a box we cannot close (or too long to be an answer): no guessing from numbers
     said = _answer_is(text)
     if said is not None:
         return [said]

@@ -23,7 +23,7 @@ from megatron_oreal.reward.judge import fast_judge, judge
 log = logging.getLogger(__name__)
 
 # Imported once in the forkserver so that every (re)started worker is born warm.
-_PRELOAD = ["megatron_oreal.reward.judge", "megatron_oreal.reward.symbolic"]
+_PRELOAD = ["megatron_oreal.reward._forkserver_preload"]
 # Consecutive worker deaths before giving up: a start-up crash would otherwise respawn forever.
 _MAX_DEATHS = 8
 
