@@ -99,5 +99,11 @@ def test_zero_head_packing_learning_direction_and_sft(case):
     assert after > before + 0.05 and rm_logit > 0, c["learn_correct"]
     before, after, _, rm_logit = map(float, c["learn_wrong"])
     assert after < before - 0.05 and rm_logit < 0, c["learn_wrong"]
+    gnorm, wp, wn, pg_loss, has_rm = c["reinforce"]
+    assert float(gnorm) > 0 and float(wp) == 1.0 and float(wn) == 1.0 and has_rm == "False"
+    # REINFORCE value: −Σ A / N with A = r = advantage of each sequence here (ρ ≡ 1)
+    seqs = _batch(250).sequences
+    want = -sum(s.advantage * len(s.response_ids) for s in seqs) / sum(len(s.response_ids) for s in seqs)
+    assert float(pg_loss) == pytest.approx(want, rel=1e-5)
     sft = [float(v) for v in c["sft_losses"]]
     assert sft[-1] < sft[0] - 0.1, sft

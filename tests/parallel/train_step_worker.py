@@ -175,7 +175,19 @@ def behaviour(workdir: str) -> None:
         del trainer
         _teardown()
 
-    # 4) sft_update lowers the NLL of its batch
+    # 4) no token RM (the ablation presets): ω ≡ 1, REINFORCE form, the policy still moves
+    from megatron_oreal.algo.ladder import ABLATIONS
+
+    layout, policy, _, reference = _setup(tp, 1, hf_cfg, policy_dir)
+    trainer = OrealTrainer(policy, None, reference, layout, AlgoConfig(**ABLATIONS["reinforce"]),
+                           OptimConfig(lr=1e-3, warmup_steps=0), None, total_steps=10, micro_batch_tokens=64)
+    m = trainer.update(batch, step=0)
+    _say(layout, "reinforce", m["policy/grad_norm"], m["tokens/w_pos_nonzero_frac"], m["tokens/w_neg_nonzero_frac"],
+         m["loss/positive"] + m["loss/negative"], "rm/loss" in m)
+    del trainer
+    _teardown()
+
+    # 5) sft_update lowers the NLL of its batch
     layout, policy, _, _ = _setup(tp, 1, hf_cfg, policy_dir)
     ddp = optim.wrap_ddp(policy)
     opt = optim.build_optimizer(ddp, OptimConfig(lr=3e-3, warmup_steps=0))
