@@ -52,6 +52,7 @@ def _reduce_metrics(outputs: list[dict], keys: tuple[str, ...], layout) -> dict[
             for i, k in enumerate(keys):
                 if k in out:
                     vec[i] += float(out[k])
+    vec = vec.to(layout.device)  # NCCL groups reduce device tensors only
     if layout.dp > 1:
         dist.all_reduce(vec, group=dp_group())
     if layout.pp > 1:
@@ -62,10 +63,10 @@ def _reduce_metrics(outputs: list[dict], keys: tuple[str, ...], layout) -> dict[
 def _all_reduce_counts(mbs: list[MicroBatch], layout) -> dict[str, float]:
     counts = local_counts(mbs)
     keys = ("n_pos", "n_neg", "n_all", "m")
-    vec = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64)
+    vec = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=layout.device)
     if layout.dp > 1:
         dist.all_reduce(vec, group=dp_group())  # DP only: TP/PP ranks of a replica hold the same sequences
-    return dict(zip(keys, vec.tolist()))
+    return dict(zip(keys, vec.cpu().tolist()))
 
 
 def _match_reference_dtypes(reference, ddp_model) -> None:
