@@ -79,11 +79,13 @@ def _check_names(named: NamedTensors) -> None:
         seen.add(name)
 
 
-def flatten(named: NamedTensors) -> list[FlatBucket]:
+def flatten(named: NamedTensors, staging: torch.Tensor | None = None) -> list[FlatBucket]:
     """Pack (name, tensor) pairs into one contiguous uint8 buffer per dtype (first-seen dtype order).
 
     Each tensor is copied exactly once, straight into its slot (non-contiguous inputs included:
     `copy_` into a shaped view of the slot reads any strides). All tensors must be on one device.
+    `staging`: a uint8 buffer to carve the buffers from instead of allocating (only for a receiver
+    that is done with the previous bucket when its call returns; never for CUDA IPC, see transport.py).
     """
     _check_names(named)
     if not named:
@@ -95,6 +97,7 @@ def flatten(named: NamedTensors) -> list[FlatBucket]:
     for name, tensor in named:
         by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
     buckets = []
+    used = 0
     for dtype, items in by_dtype.items():
         itemsize = torch.empty((), dtype=dtype).element_size()
         metadata, offset = [], 0
@@ -102,7 +105,15 @@ def flatten(named: NamedTensors) -> list[FlatBucket]:
             nbytes = tensor.numel() * itemsize
             metadata.append(TensorMeta(name, tensor.shape, dtype, offset, offset + nbytes, nbytes))
             offset += nbytes
-        buffer = torch.empty(offset, dtype=torch.uint8, device=next(iter(devices)))
+        if staging is not None:
+            # 16-byte aligned slices, so every dtype's view is aligned
+            start = (used + 15) // 16 * 16
+            if start + offset > staging.numel():
+                raise ValueError(f"flatten: staging buffer of {staging.numel()} bytes is too small "
+                                 f"(needs {start + offset})")
+            buffer, used = staging[start : start + offset], start + offset
+        else:
+            buffer = torch.empty(offset, dtype=torch.uint8, device=next(iter(devices)))
         for meta, (_, tensor) in zip(metadata, items):
             buffer[meta.start_idx : meta.end_idx].view(dtype).view(meta.shape).copy_(tensor.detach())
         buckets.append(FlatBucket(buffer, metadata, dtype))
