@@ -65,8 +65,8 @@ def fast_judge(solution: str, gold: str, stop_word: str | None = None, finish_re
     pn, gn = parse_number(pa), parse_number(ga)
     if pn is not None and gn is not None:
         return "correct" if scalar_equal(pa, ga) else "wrong"
-    if gn is not None and not re.search(r"[\\a-zA-Z^]", pa):
-        return "wrong"  # a number's gold against digits/punctuation that is not one number
+    if gn is not None and re.fullmatch(r"[\d\s.,+-]+", pa):
+        return "wrong"  # a number's gold against bare digits that are not one number (`1, 2`, `3 4`)
     return None
 
 
