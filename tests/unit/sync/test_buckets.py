@@ -84,3 +84,18 @@ def test_rebucket_groups_pairs_and_passes_ready_buckets():
     assert [[n for n, _ in b] for b in rebucket(ready, 100)] == [["x", "y"], ["z"], ["w"]]
     with pytest.raises(TypeError, match="weight source yielded Tensor"):
         list(rebucket([t(3)], 100))
+
+
+def test_flatten_into_a_staging_buffer():
+    named = _mixed()
+    staging = torch.empty(4096, dtype=torch.uint8)
+    buckets = flatten(named, staging=staging)
+    base = staging.data_ptr()
+    starts = [b.buffer.data_ptr() - base for b in buckets]
+    assert all(s % 16 == 0 for s in starts) and starts == sorted(starts)  # aligned, consecutive slices
+    assert all(b.buffer.untyped_storage().data_ptr() == base for b in buckets)
+    back = dict(kv for b in buckets for kv in b.tensors())
+    for name, t in named:
+        assert torch.equal(back[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    with pytest.raises(ValueError, match="staging buffer of 64 bytes is too small"):
+        flatten(named, staging=torch.empty(64, dtype=torch.uint8))
