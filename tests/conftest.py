@@ -1,10 +1,13 @@
 """Shared test set-up: the CPU shims for Megatron-Core are applied where CUDA is absent."""
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `from helpers.tiny_hf import ...` from any test folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_collection_modifyitems(config, items):
