@@ -105,5 +105,7 @@ def test_zero_head_packing_learning_direction_and_sft(case):
     seqs = _batch(250).sequences
     want = -sum(s.advantage * len(s.response_ids) for s in seqs) / sum(len(s.response_ids) for s in seqs)
     assert float(pg_loss) == pytest.approx(want, rel=1e-5)
+    finite, rm0, rm2, g0, g2 = c["bf16_distopt"]
+    assert finite == "True" and float(rm2) < float(rm0) and float(g0) == 0.0 and float(g2) > 0, c["bf16_distopt"]
     sft = [float(v) for v in c["sft_losses"]]
     assert sft[-1] < sft[0] - 0.1, sft

@@ -22,13 +22,13 @@ def _say(layout, *parts) -> None:
         print("CHECK", *parts, flush=True)
 
 
-def _setup(tp, pp, hf_cfg, policy_dir, rm_head=None, ref_dir=None):
+def _setup(tp, pp, hf_cfg, policy_dir, rm_head=None, ref_dir=None, dtype="fp32"):
     from megatron_oreal.checkpoint.hf_io import load_hf_weights
     from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
     from megatron_oreal.mcore.parallel import init_parallel
 
     layout = init_parallel(tp, pp, seed=1234)
-    policy = build_policy(hf_cfg, layout)
+    policy = build_policy(hf_cfg, layout, dtype=dtype)
     # The reference is a snapshot of the initial weights: of `ref_dir` when given (so the KL
     # gradient is non-trivial), else of the policy checkpoint itself (OREAL's frozen initial model).
     load_hf_weights(policy, ref_dir or policy_dir, layout)
@@ -37,11 +37,11 @@ def _setup(tp, pp, hf_cfg, policy_dir, rm_head=None, ref_dir=None):
         load_hf_weights(policy, policy_dir, layout)
     rm = None
     if rm_head is not None:
-        rm = build_token_rm(hf_cfg, layout)
+        rm = build_token_rm(hf_cfg, layout, dtype=dtype)
         load_hf_weights(rm, policy_dir, layout)
         if layout.is_last_stage:
             with torch.no_grad():
-                rm.output_layer.weight.copy_(rm_head)
+                rm.output_layer.weight.copy_(rm_head.to(rm.output_layer.weight.dtype))
     return layout, policy, rm, reference
 
 
@@ -187,7 +187,22 @@ def behaviour(workdir: str) -> None:
     del trainer
     _teardown()
 
-    # 5) sft_update lowers the NLL of its batch
+    # 5) bf16 + distributed optimizer sharded over DP=2: the RM learns, the (frozen, then trained) policy
+    #    steps stay finite
+    layout, policy, rm, reference = _setup(1, 1, hf_cfg, policy_dir, rm_head=torch.zeros(1, hf_cfg["hidden_size"]),
+                                           dtype="bf16")
+    trainer = OrealTrainer(policy, rm, reference, layout, AlgoConfig(actor_freeze_steps=1),
+                           OptimConfig(lr=1e-3, warmup_steps=0), OptimConfig(lr=1e-2, warmup_steps=0),
+                           total_steps=10, micro_batch_tokens=64, distributed_optimizer=True)
+    ms = [trainer.update(batch, step) for step in range(3)]
+    finite = all(torch.isfinite(torch.tensor(float(v))).item() for m in ms for v in m.values()
+                 if isinstance(v, (int, float)))
+    _say(layout, "bf16_distopt", finite, ms[0]["rm/loss"], ms[-1]["rm/loss"], ms[0]["policy/grad_norm"],
+         ms[-1]["policy/grad_norm"])
+    del trainer
+    _teardown()
+
+    # 6) sft_update lowers the NLL of its batch
     layout, policy, _, _ = _setup(tp, 1, hf_cfg, policy_dir)
     ddp = optim.wrap_ddp(policy)
     opt = optim.build_optimizer(ddp, OptimConfig(lr=3e-3, warmup_steps=0))
