@@ -80,6 +80,8 @@ def _wrapped(s: str, left: str, right: str) -> bool:
 
 
 def _matrix(s: str) -> list[list[str]] | None:
+    if s[:1] in "([" and s[-1:] in ")]" and "\\begin" in s[:10]:
+        s = s[1:-1].strip()  # `\left[\begin{array}{cc}..\end{array}\right]`
     m = _MATRIX_RE.match(s)
     if not m:
         return None
@@ -159,7 +161,9 @@ def _interval_equal(p, g) -> bool:
 def _items(s: str) -> tuple[str, list[str]] | None:
     """('set'|'tuple'|'list', items) for `\\{a, b\\}`, `(a, b, c)`/`[a, b]`, `a, b` / `a or b`."""
     if _wrapped(s, "\\{", "\\}"):
-        return "set", [x for x in split_top(s[2:-2], ",") if x]
+        items = [x for x in split_top(s[2:-2], ",") if x]
+        # `\{1 \pm \sqrt 5, -2\}` holds three roots
+        return "set", [y for x in items for y in ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if x.count("\\pm") == 1 else (x,))]
     for left, right in (("(", ")"), ("[", "]"), ("\\langle", "\\rangle")):
         if _wrapped(s, left, right):
             inner = split_top(s[len(left) : len(s) - len(right)], ",")
@@ -250,7 +254,13 @@ def answers_equal(pred: str, gold: str) -> bool:
         gi = [_interval(g)]  # gold `(a, b)` against `a < x < b`: read the gold as an interval
     if gi is not None:
         pi = _intervals(p)
-        return pi is not None and _unordered(pi, gi, _interval_equal)
+        if pi is not None and _unordered(pi, gi, _interval_equal):
+            return True
+        if _RELATION_RE.search(p) and _RELATION_RE.search(g):  # `-x > -1` vs `x < 1`: let sympy solve
+            from megatron_oreal.reward.symbolic import relations_equal
+
+            return relations_equal(p, g)
+        return False
     gs = _items(g)
     if gs is not None:
         ps = _items(p)

@@ -25,11 +25,11 @@ _UNIT_WORDS = (
 )
 # Trailing units: `5 cm`, `5\text{ cm}^2`, `12 square feet`. Only known words, so `5x` stays `5x`.
 _TRAILING_UNIT_RE = re.compile(
-    rf"(?<=[\d}}.)])\s*(?:\\(?:text|textbf|textit|mbox|mathrm)\{{\s*(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*\s*\}}"
+    rf"(?<=[\d}}.)])\s*(?:\\(?:text|textbf|textit|textnormal|mbox|mathrm)\{{\s*(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*\s*\}}"
     rf"|(?:\s+|(?<=\d))(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*)(?:\^\{{?[23]\}}?)?\s*$",
     re.IGNORECASE,
 )
-_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|textrm|operatorname|mathit)\s*\{([^{}]*)\}")
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|textrm|operatorname|mathit)\s*\{([^{}]*)\}")
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|\\displaystyle\b|\\left\b|\\right\b|\\big[lr]?\b|\\Big[lr]?\b")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°")
 

@@ -189,3 +189,16 @@ def sympy_equal(pred: str, gold: str, decimals: int | None = None) -> bool:
     except Exception:
         return False
 
+
+
+def relations_equal(pred: str, gold: str) -> bool:
+    """One-variable inequalities compared as solution sets (`-x > -1` is `x < 1`)."""
+    a, b = to_sympy(pred), to_sympy(gold)
+    try:
+        if not all(isinstance(e, (sympy.core.relational.Relational, sympy.And, sympy.Or)) for e in (a, b)):
+            return False
+        if len(a.free_symbols) != 1 or a.free_symbols != b.free_symbols:
+            return False
+        return bool(a.as_set() == b.as_set())
+    except Exception:
+        return False
