@@ -8,6 +8,7 @@ that skip into a failure (for CI machines that must run them).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 SETUP = Path(__file__).with_name("setup_slurm.sh")
+LOCK_FILE = "/tmp/oreal-slurm-tests.lock"
 _timings: dict[str, float] = {}
 
 
@@ -34,8 +36,34 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Yields when sbatch/srun/scontrol work against a local controller with an idle node."""
-    started = False
+    """Yields when sbatch/srun/scontrol work against a local controller with an idle node.
+
+    Several test sessions may share the machine: a lock file serialises the set-up, each session
+    holds it shared while it uses Slurm, and the session that started the daemons stops them only
+    if it can then take the lock exclusively (no other session is still using them).
+    """
+    # Read-only is enough for flock, and works when another user created the file.
+    lock = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        started = _ensure_running()
+    except BaseException:  # a skip, or a failure: release the lock at once
+        os.close(lock)
+        raise
+    fcntl.flock(lock, fcntl.LOCK_SH)  # downgrade: others may set up / use it now
+    yield
+    try:
+        if started and os.environ.get("OREAL_SLURM_KEEP") != "1":
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises when another session uses it
+            subprocess.run(["bash", str(SETUP), "stop"], capture_output=True, timeout=120)
+    except BlockingIOError:
+        pass  # still in use: leave it running
+    finally:
+        os.close(lock)
+
+
+def _ensure_running() -> bool:
+    """True when this call started the daemons."""
     if not _usable():
         if os.geteuid() != 0:
             _unavailable("Slurm is not running and we are not root (run `sudo tests/slurm/setup_slurm.sh start`)")
@@ -46,10 +74,8 @@ def slurm_cluster():
         _timings["setup_s"] = time.monotonic() - t0
         if proc.returncode != 0:
             _unavailable(f"setup_slurm.sh start failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
-        started = True
-    yield
-    if started and os.environ.get("OREAL_SLURM_KEEP") != "1":
-        subprocess.run(["bash", str(SETUP), "stop"], capture_output=True, timeout=120)
+        return True
+    return False
 
 
 def pytest_terminal_summary(terminalreporter):

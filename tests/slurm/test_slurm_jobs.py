@@ -97,7 +97,7 @@ def test_tiny_sbatch_two_ranks_allreduce(slurm_cluster, jobs, tmp_path):
 def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, jobs, tmp_path):
     """USR1 to the batch shell -> forwarded to the ranks -> save, exit 75, self-requeue -> resume -> finish."""
     t0 = time.monotonic()
-    steps = 10
+    steps = 6
     job = _submit(jobs, tmp_path, [*STANDIN, "--state-dir", str(tmp_path), "--steps", str(steps), "--step-seconds", "1"])
     log = tmp_path / f"oreal-tiny-{job}.out"
     progress = tmp_path / "progress"
