@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_oreal.checkpoint.mapping import hf_shape, shard_from_hf, stage_entries, uses_te_names
+from megatron_oreal.checkpoint.mapping import all_entries, hf_shape, shard_from_hf, stage_entries, uses_te_names
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -106,6 +106,11 @@ def load_hf_weights(model, hf_dir: str, layout, *, log=None) -> int:
     entries = stage_entries(spec, layout.pp_rank, layout.pp, te_names=uses_te_names(m),
                             token_rm=getattr(m, "is_token_rm", False))
     reader = HFReader(hf_dir)
+    known = {h for stage in all_entries(spec, layout.pp) for e in stage for h in e.hf} | {"lm_head.weight"}
+    unused = sorted(set(reader.weight_map) - known)
+    if unused:
+        raise CheckpointError(f"{hf_dir}: tensors with no Megatron counterpart in the {spec.architecture} mapping "
+                              f"(unsupported variant?): {unused[:8]}{' ...' if len(unused) > 8 else ''}")
     loaded, n = set(), 0
     t0 = time.time()
     try:

@@ -89,6 +89,10 @@ def arch_spec(hf: dict, tp: int = 1) -> ArchSpec:
         )
     if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
         raise ValueError("config.json: use_sliding_window=true is not supported")
+    if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
+        # transformers LlamaAttention puts the bias on o_proj too; Megatron has only add_qkv_bias
+        # (a linear_proj bias would need add_bias_linear, which also adds MLP biases).
+        raise ValueError("config.json: LlamaForCausalLM with attention_bias=true (o_proj bias) is not supported")
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -106,8 +110,8 @@ def arch_spec(hf: dict, tp: int = 1) -> ArchSpec:
         vocab_size=vocab,
         padded_vocab_size=padded_vocab_size(vocab, tp),
         tied=bool(hf.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases (transformers Qwen2Attention bias=True); Llama per attention_bias.
-        qkv_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
+        # Qwen2 always has q/k/v biases (transformers Qwen2Attention bias=True, o_proj none).
+        qkv_bias=arch == "Qwen2ForCausalLM",
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         max_position=int(hf.get("max_position_embeddings", 4096)),

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 POISON = 999_999  # a prompt starting with this token kills the fake server (once per marker file)
+ABORT = 888_888  # ... makes it answer finish_reason "abort"
 
 
 # ------------------------------------------------------------------------------------ fake server
@@ -50,12 +51,12 @@ def _fake_update(body: dict) -> dict:
     from megatron_oreal.sync.buckets import unflatten
     from megatron_oreal.sync.transport import deserialize_payload
 
-    digests = {}
+    per_rank = []  # what SGLang TP rank i would load: payload i
     for payload in body["serialized_named_tensors"]:
         obj = deserialize_payload(payload)
-        for name, t in unflatten(obj["flattened_tensor"], obj["metadata"]):
-            digests[name] = [str(t.dtype), list(t.shape), hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()]
-    return digests
+        per_rank.append({name: [str(t.dtype), list(t.shape), hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()]
+                         for name, t in unflatten(obj["flattened_tensor"], obj["metadata"])})
+    return per_rank
 
 
 def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
@@ -81,6 +82,10 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
             entry = {"path": self.path, "pid": os.getpid()}
             code, reply = 200, None
             if self.path == "/generate":
+                if any(ids and ids[0] == ABORT for ids in body["input_ids"]):
+                    self._reply(200, [{"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "fake abort"}}}
+                                      for _ in body["input_ids"]])
+                    return
                 if any(ids and ids[0] == POISON for ids in body["input_ids"]):
                     marker = os.path.join(state_dir, "poisoned")
                     if not os.path.exists(marker):
@@ -91,7 +96,8 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
             elif self.path == "/update_weights_from_tensor":
                 entry["load_format"], entry["flush_cache"] = body["load_format"], body["flush_cache"]
                 # decoding imports torch (seconds on a loaded machine): only where a test reads it
-                entry["tensors"] = _fake_update(body) if decode else len(body["serialized_named_tensors"])
+                entry["per_rank"] = _fake_update(body) if decode else len(body["serialized_named_tensors"])
+                entry["tensors"] = entry["per_rank"][0] if decode else None
                 reply = {"success": True, "message": "ok"}
             elif self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
                 tags = body["tags"]
