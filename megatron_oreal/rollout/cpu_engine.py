@@ -1,0 +1,315 @@
+"""The CPU rollout engine: a batched KV-cache sampling loop over a `transformers` causal LM.
+
+Used by the embedded default (tiny Qwen2 on 2 cores) and by every CPU test. It owns its own copy of
+the model; the trainer pushes new weights with `update_weights` after each step (HF names).
+
+How a call runs (per chunk of prompts):
+  1. prefill each distinct prompt once, left-padded, with an explicit causal+padding mask and
+     per-row position ids (so padding changes nothing but the low bits of the sums);
+  2. repeat the KV cache `n` times (samples of a prompt share its prefill);
+  3. decode one token per step for all live rows; rows that stop are dropped from the batch once
+     enough of them are done (the cache is compacted), so long tails cost only their own rows.
+Two things make it fast on a tiny model (measured, see tests/unit/rollout/test_cpu_engine.py):
+a preallocated KV cache (HF's DynamicCache concatenates every step: quadratic copying), and a
+plain matmul attention for decoding (PyTorch's CPU flash-SDPA kernel costs ~6 ms per call at q=1).
+
+Randomness: one generator per (seed, prompt position, sample index) draws all the uniforms of that
+row up front; tokens are drawn by inverse CDF. So a row's samples do not depend on the chunking or
+on which other rows are in the batch (up to float round-off of the padded batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from megatron_oreal.rollout.engine import GenOutput, SamplingParams
+
+ATTN_NAME = "oreal_cpu_matmul"
+
+
+def _matmul_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention with GQA by reshaping the queries (no repeat_kv copy).
+
+    query [B, Hq, q, D]; key/value [B, Hkv, k, D]; attention_mask additive [B, 1, q, k].
+    Query head h reads kv head h // G (transformers' repeat_kv order), so viewing the Hq heads as
+    [Hkv, G] groups them correctly. Returns ([B, q, Hq, D], None) like HF attention functions.
+    """
+    bsz, hq, q_len, dim = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    qg = query.reshape(bsz, hkv, group * q_len, dim)
+    scores = torch.matmul(qg, key.transpose(2, 3)) * scaling  # [B, Hkv, G*q, k]
+    if attention_mask is not None:
+        scores = (scores.view(bsz, hkv, group, q_len, -1) + attention_mask[:, :, None]).view(bsz, hkv, group * q_len, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value).view(bsz, hq, q_len, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, _matmul_attention)
+
+
+class _PreallocLayer(DynamicLayer):
+    """KV cache layer with a fixed capacity, written in place; returns views of the filled prefix.
+
+    Keys are stored transposed ([B, H, D, capacity]) and handed out as a transposed view, so the
+    attention's `key.transpose(2, 3)` is a plain strided matrix for the matmul (2-3x faster than
+    a sliced [B, H, len, D] view at decode shapes, measured).
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._kt = key_states.new_zeros(b, h, d, self.capacity)
+            self._v = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+        t = key_states.shape[-2]
+        if self.length + t > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length}+{t} > capacity {self.capacity}")
+        self._kt[:, :, :, self.length : self.length + t] = key_states.transpose(2, 3)
+        self._v[:, :, self.length : self.length + t] = value_states
+        self.length += t
+        self._refresh()
+        return self.keys, self.values
+
+    def _refresh(self) -> None:
+        self.keys = self._kt[:, :, :, : self.length].transpose(2, 3)
+        self.values = self._v[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._kt = self._kt.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self._refresh()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._kt = self._kt[indices]
+        self._v = self._v[indices]
+        self._refresh()
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed per (call seed, prompt position, sample index); a hash, so nearby triples are unrelated."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def filter_probs(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, top-k, top-p -> (probs [R, V'], order [R, V'] or None).
+
+    With top-p the probs come sorted descending and `order` maps back to token ids. top-k keeps ties
+    at the k-th value (as HF's TopKLogitsWarper); top-p keeps the smallest prefix of tokens whose
+    mass reaches top_p (a token is kept when the mass strictly above it is < top_p), at least one.
+    """
+    scaled = logits / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if sampling.top_p >= 1.0:
+        return probs, None
+    probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_above = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill(mass_above >= sampling.top_p, 0.0)
+    return probs, order
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """One token per row: argmax when greedy, else inverse-CDF with the row's uniform in [0, 1)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs, order = filter_probs(logits.float(), sampling)
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = uniforms.to(cdf.dtype) * cdf[:, -1]
+    # first index whose cdf exceeds the target: zero-probability tokens never qualify
+    idx = (cdf <= target[:, None]).sum(dim=-1).clamp_(max=cdf.shape[-1] - 1)
+    if order is not None:
+        idx = order.gather(1, idx[:, None]).squeeze(1)
+    return idx
+
+
+class CPUEngine:
+    """RolloutEngine on a `transformers` causal LM (an HF folder or a model object, deep-copied)."""
+
+    def __init__(self, hf_dir_or_model: Any, tokenizer: Any = None, *, max_batch_rows: int = 512,
+                 dtype: torch.dtype = torch.float32, threads: int = 0):
+        if isinstance(hf_dir_or_model, (str, Path)):
+            path = Path(hf_dir_or_model)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"CPUEngine: {path} has no config.json (expected a Hugging Face model folder)")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            model = copy.deepcopy(hf_dir_or_model).to(dtype)
+        layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"CPUEngine supports full-attention models only; the config has layer types {sorted(layer_types)}")
+        model.config._attn_implementation = ATTN_NAME
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch_rows = max_batch_rows
+        self.threads = threads
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self._params = dict(self.model.named_parameters())
+        self._params.update(dict(self.model.named_buffers()))
+        self._closed = False
+
+    # ---- protocol ---------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[GenOutput]]:
+        if self._closed:
+            raise RuntimeError("CPUEngine.generate called after close()")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"CPUEngine.generate: prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"CPUEngine.generate: prompt {i} has token ids {bad[:5]} outside the vocab [0, {self.vocab_size})")
+        per_chunk = max(1, self.max_batch_rows // sampling.n)
+        results: list[list[GenOutput]] = []
+        old_threads = torch.get_num_threads()
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(prompts), per_chunk):
+                    results.extend(self._generate_chunk(prompts[start : start + per_chunk], start, sampling))
+        finally:
+            if self.threads > 0:
+                torch.set_num_threads(old_threads)
+        return results
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_token_ids: Iterable[int]) -> list[GenOutput]:
+        """Evaluation helper: temperature 0, one output per prompt."""
+        sp = SamplingParams.greedy_eval(max_new_tokens, tuple(stop_token_ids))
+        return [outs[0] for outs in self.generate(prompts, sp)]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the model in place (dtype-cast; shapes must match exactly)."""
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = self._params.get(name)
+                if target is None:
+                    # tied embeddings: HF checkpoints may still carry lm_head.weight
+                    if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+                        target = self.model.get_input_embeddings().weight
+                    else:
+                        raise KeyError(f"CPUEngine.update_weights: unknown tensor {name!r} (not a parameter of "
+                                       f"{type(self.model).__name__})")
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(f"CPUEngine.update_weights: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(target.shape)}")
+                target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+
+    def release_memory(self) -> None:  # nothing to free on the CPU path; kept for the protocol
+        pass
+
+    def resume_memory(self) -> None:
+        pass
+
+    def health(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _generate_chunk(self, prompts: list[list[int]], first_index: int, sp: SamplingParams) -> list[list[GenOutput]]:
+        n, num = sp.n, len(prompts)
+        lens = torch.tensor([len(p) for p in prompts])
+        budgets = torch.tensor([sp.budget(len(p)) for p in prompts]).repeat_interleave(n)
+        outputs = [[GenOutput([], "length", [] if sp.return_logprobs else None) for _ in range(n)] for _ in range(num)]
+        max_new = int(budgets.max())
+        if max_new == 0:
+            return outputs
+        width = int(lens.max())
+        pad = width - lens  # left padding per prompt
+        ids = torch.zeros(num, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, pad[r] :] = torch.tensor(p, dtype=torch.long)
+        valid = torch.arange(width)[None, :] >= pad[:, None]  # [P, W] real (non-pad) positions
+        neg = torch.finfo(self.model.dtype).min
+        # Prefill mask: causal over real keys; a pad query sees only itself (keeps its row finite).
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
+        mask = torch.zeros(num, 1, width, width, dtype=self.model.dtype).masked_fill_(~allowed[:, None], neg)
+        positions = (torch.arange(width)[None, :] - pad[:, None]).clamp_(min=0)
+        cache = DynamicCache()
+        cache.layers = [_PreallocLayer(width + max_new) for _ in range(self.model.config.num_hidden_layers)]
+        logits = self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        # n samples per prompt share the prefill
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        rows = torch.arange(num * n)  # global row id = prompt * n + sample, for the live rows
+        key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
+        key_mask[:, 0, 0, :width].masked_fill_(~valid, neg)
+        key_mask = key_mask.repeat_interleave(n, dim=0)
+        next_pos = lens.repeat_interleave(n)
+        uniforms = self._uniforms(num, n, first_index, max_new, sp)
+        stops = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long)
+        tokens: list[list[int]] = [[] for _ in range(num * n)]
+        logps: list[list[float]] = [[] for _ in range(num * n)]
+        live = budgets > 0
+        for step in range(max_new):
+            if step > 0:
+                if live.sum() < 0.75 * rows.numel():  # compact: drop finished rows from the batch
+                    keep = live.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, key_mask, next_pos, live = rows[keep], key_mask[keep], next_pos[keep], live[keep]
+                    token, uniforms = token[keep], uniforms[keep]
+                kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
+                logits = self.model(input_ids=token[:, None], attention_mask={"full_attention": key_mask[..., :kv_len]},
+                                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1).logits[:, -1]
+                next_pos = next_pos + 1
+            token = sample_tokens(logits, uniforms[:, step], sp)
+            if sp.return_logprobs:
+                temp = sp.temperature if sp.temperature > 0 else 1.0
+                lp = torch.log_softmax(logits.float() / temp, dim=-1).gather(1, token[:, None]).squeeze(1).tolist()
+            live_rows = live.nonzero().squeeze(1).tolist()
+            tok_list = token.tolist()
+            row_list = rows.tolist()
+            for k in live_rows:
+                g = row_list[k]
+                tokens[g].append(tok_list[k])
+                if sp.return_logprobs:
+                    logps[g].append(lp[k])
+            is_stop = torch.isin(token, stops) if stops.numel() else torch.zeros_like(live)
+            done_len = torch.tensor([len(tokens[g]) for g in row_list]) >= budgets[rows]
+            for k in (live & is_stop).nonzero().squeeze(1).tolist():
+                outputs[row_list[k] // n][row_list[k] % n].finish_reason = "stop"
+            live = live & ~is_stop & ~done_len
+            if not bool(live.any()):
+                break
+        for g in range(num * n):
+            out = outputs[g // n][g % n]
+            out.token_ids = tokens[g]
+            if sp.return_logprobs:
+                out.logprobs = logps[g]
+        return outputs
+
+    def _uniforms(self, num: int, n: int, first_index: int, steps: int, sp: SamplingParams) -> torch.Tensor:
+        """[num*n, steps] uniforms in [0, 1), one independent stream per (seed, prompt, sample)."""
+        if sp.greedy:
+            return torch.zeros(num * n, steps, dtype=torch.float64)
+        out = torch.empty(num * n, steps, dtype=torch.float64)
+        gen = torch.Generator()
+        for p in range(num):
+            for j in range(n):
+                gen.manual_seed(row_seed(sp.seed, first_index + p, j))
+                out[p * n + j] = torch.rand(steps, generator=gen, dtype=torch.float64)
+        return out
