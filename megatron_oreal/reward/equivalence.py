@@ -261,6 +261,11 @@ def answers_equal(pred: str, gold: str) -> bool:
 
             return relations_equal(p, g)
         return False
+    if _RELATION_RE.search(g) or (_RELATION_RE.search(p) and _intervals(p) is None):
+        # relations the text rules could not turn into intervals (`|x| \ge 3`): solve with sympy
+        from megatron_oreal.reward.symbolic import relations_equal
+
+        return relations_equal(p, g)
     gs = _items(g)
     if gs is not None:
         ps = _items(p)

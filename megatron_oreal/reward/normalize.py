@@ -23,10 +23,12 @@ _UNIT_WORDS = (
     "euros?|units?|sq|square|cubic|degrees?|deg|radians?|rad|people|persons?|students?|ways|times|"
     "points?|percent"
 )
-# Trailing units: `5 cm`, `5\text{ cm}^2`, `12 square feet`. Only known words, so `5x` stays `5x`.
+# Trailing units: `5 cm`, `5\\text{ cm}^2`, `2\\pi\\text{ cm}`, `12 square feet`. Only known words, so
+# `5x` stays `5x`; bare words (no \\text) only right after a number.
+_UNITS = rf"(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*"
 _TRAILING_UNIT_RE = re.compile(
-    rf"(?<=[\d}}.)])\s*(?:\\(?:text|textbf|textit|textnormal|mbox|mathrm)\{{\s*(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*\s*\}}"
-    rf"|(?:\s+|(?<=\d))(?:{_UNIT_WORDS})(?:\s+(?:{_UNIT_WORDS}))*)(?:\^\{{?[23]\}}?)?\s*$",
+    rf"(?:\s*\\(?:text|textbf|textit|textnormal|mbox|mathrm)\{{\s*{_UNITS}\s*\}}"
+    rf"|(?<=[\d}}.)])(?:\s+|(?<=\d)){_UNITS})(?:\^\{{?[23]\}}?)?\s*$",
     re.IGNORECASE,
 )
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|textrm|operatorname|mathit)\s*\{([^{}]*)\}")
@@ -37,6 +39,7 @@ _INT = r"\d+"
 _THOUSANDS = r"\d{1,3}(?:,\d{3})+|\d{1,3}(?:\{,\}\d{3})+"
 _DEC = rf"(?:{_THOUSANDS}|{_INT})(?:\.\d*)?|\.\d+"
 _NUMBER_RE = re.compile(rf"^([+-]?)({_DEC})(?:(?:e|E|\\times\s*10\^|\\cdot\s*10\^|\*10\^)\{{?([+-]?\d+)\}}?)?$")
+_REPEATING_RE = re.compile(r"^([+-]?)(\d*)\.(\d*)\\overline\{(\d{1,20})\}$")
 _POW10_RE = re.compile(r"^([+-]?)10\^\{?([+-]?\d+)\}?$")
 _FRAC_RE = re.compile(r"^([+-]?)\\frac\{([+-]?[\d.]+)\}\{([+-]?[\d.]+)\}$")
 _SLASH_RE = re.compile(r"^([+-]?)([\d.]+)/([\d.]+)$")
@@ -68,6 +71,8 @@ def clean(s: str) -> str:
     s = s.replace("\x01", "\\{").replace("\x02", "\\}")
     s = _TRAILING_UNIT_RE.sub("", s)
     s = re.sub(r"^(?:[a-zA-Z]\w*\s*(?:\\in|∈)\s*)", "", s)  # `x \in [1,2]` -> `[1,2]`
+    s = re.sub(r"\\varnothing|\\\{\s*\\\}|\\O\b", r"\\emptyset", s)
+    s = re.sub(r"\\mathbb\s*\{?R\}?|\\R\b", r"(-\\infty,\\infty)", s)  # all reals
     s = s.strip().rstrip(".").strip()
     return s
 
@@ -127,6 +132,10 @@ def parse_number(s: str) -> Num | None:
             value *= Fraction(10) ** exp
             decimals = None if decimals is None else max(decimals - exp, 0) or None
         return Num(-value if m.group(1) == "-" else value, decimals, percent)
+    if m := _REPEATING_RE.match(s):  # 0.\overline{3} = 1/3, 1.2\overline{45}
+        whole, fixed, rep = m.group(2) or "0", m.group(3), m.group(4)
+        value = int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed)) + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed))
+        return Num(-value if m.group(1) == "-" else value, None, percent)
     if m := _POW10_RE.match(s):
         exp = int(m.group(2))
         if abs(exp) > MAX_EXPONENT:

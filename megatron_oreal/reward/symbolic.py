@@ -192,13 +192,17 @@ def sympy_equal(pred: str, gold: str, decimals: int | None = None) -> bool:
 
 
 def relations_equal(pred: str, gold: str) -> bool:
-    """One-variable inequalities compared as solution sets (`-x > -1` is `x < 1`)."""
+    """One-variable inequalities (or one against an interval set) compared as solution sets."""
     a, b = to_sympy(pred), to_sympy(gold)
     try:
-        if not all(isinstance(e, (sympy.core.relational.Relational, sympy.And, sympy.Or)) for e in (a, b)):
-            return False
-        if len(a.free_symbols) != 1 or a.free_symbols != b.free_symbols:
-            return False
-        return bool(a.as_set() == b.as_set())
+        sets = []
+        for e in (a, b):
+            if isinstance(e, sympy.Set):
+                sets.append(e)
+            elif isinstance(e, (sympy.core.relational.Relational, sympy.And, sympy.Or)) and len(e.free_symbols) == 1:
+                sets.append(e.as_set())
+            else:
+                return False
+        return bool(sets[0] == sets[1] or sets[0].symmetric_difference(sets[1]).is_empty)
     except Exception:
         return False
