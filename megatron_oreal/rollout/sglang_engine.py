@@ -333,25 +333,26 @@ class SGLangEngine:
         if error:
             raise (EngineRestarted if error.startswith("EngineRestarted") else SGLangError)(f"{what}: {error}")
 
-    def _leader_call(self, what: str, fn: Callable[[], Any], *, retry: bool = True) -> Any:
-        """Run `fn` on the leader; if the server died, restart it (bounded) and retry once if safe."""
+    def _leader_call(self, what: str, fn: Callable[[], Any], *, needs_synced_weights: bool = False) -> Any:
+        """Run `fn` on the leader; if the server died, restart it (bounded) and retry once, unless
+        `fn` needs the trainer's weights, which the restarted server no longer has."""
         result, error = None, None
         if self.is_leader:
             try:
-                result = self._with_restart(fn, retry)
+                result = self._with_restart(fn, needs_synced_weights)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         self._raise_shared(error, what)
         return self._share(result)
 
-    def _with_restart(self, fn: Callable[[], Any], retry: bool) -> Any:
+    def _with_restart(self, fn: Callable[[], Any], needs_synced_weights: bool) -> Any:
         try:
             return fn()
         except (SGLangError, OSError):
             if self.server is not None and self.server.alive() and self.client.healthy():
                 raise  # the server is fine: the request itself failed
             self.restart()
-            if not retry or self.needs_resync:
+            if needs_synced_weights and self.needs_resync:
                 raise EngineRestarted("the SGLang server died and was restarted; re-sync the weights") from None
             return fn()
 
@@ -381,7 +382,7 @@ class SGLangEngine:
                 results.append(parse_generate_response(reply, slots, rank_prompts, sampling))
             return results
 
-        results = self._leader_call("SGLang generate", run)
+        results = self._leader_call("SGLang generate", run, needs_synced_weights=True)
         return results[0 if self.group is None else dist.get_rank(self.group)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -396,7 +397,7 @@ class SGLangEngine:
             if todo:
                 self.client.release_memory_occupation(todo)
                 self.released.update(todo)
-        self._leader_call("SGLang release_memory_occupation", run, retry=False)
+        self._leader_call("SGLang release_memory_occupation", run)
 
     def resume_memory(self, tags: Iterable[str] = RELEASE_TAGS) -> None:
         wanted = list(tags)
@@ -406,7 +407,7 @@ class SGLangEngine:
             if todo:
                 self.client.resume_memory_occupation(todo)
                 self.released.difference_update(todo)
-        self._leader_call("SGLang resume_memory_occupation", run, retry=False)
+        self._leader_call("SGLang resume_memory_occupation", run)
 
     def health(self) -> bool:
         ok = self.is_leader and self.server is not None and self.server.alive() and self.client.healthy()

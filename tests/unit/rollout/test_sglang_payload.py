@@ -255,7 +255,7 @@ def test_restart_on_death_and_stale_weights(fake_engine):
     from megatron_oreal.rollout.engine import SamplingParams
     from megatron_oreal.rollout.sglang_engine import EngineRestarted, SGLangError
 
-    eng, log = fake_engine(max_restarts=2)
+    eng, log = fake_engine(max_restarts=3)
     sp = SamplingParams(n=1, max_new_tokens=2)
     first_pid = eng.server.proc.pid
     # the server dies mid-request: restarted, and the request is retried (no weights synced yet)
@@ -272,10 +272,17 @@ def test_restart_on_death_and_stale_weights(fake_engine):
         eng.generate([[1, 2]], sp)
     eng.update_weights([("model.norm.weight", torch.ones(4))])
     assert not eng.needs_resync and eng.generate([[1, 2]], sp)[0][0].finish_reason == "length"
+    # a death before the training phase: release restarts and releases the new server (no error)
+    os.killpg(eng.server.proc.pid, signal.SIGKILL)
+    eng.server.proc.wait(10)
+    eng.release_memory()
+    assert eng.restarts == 3 and eng.needs_resync and eng.released == {"weights", "kv_cache", "cuda_graph"}
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert not eng.needs_resync and not eng.released
     # the restart budget is bounded
     os.killpg(eng.server.proc.pid, signal.SIGKILL)
     eng.server.proc.wait(10)
-    with pytest.raises(SGLangError, match="died again after 2 restarts"):
+    with pytest.raises(SGLangError, match="died again after 3 restarts"):
         eng.generate([[1, 2]], sp)
 
 
