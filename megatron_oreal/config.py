@@ -30,6 +30,7 @@ class DataConfig:
     answer_key: str = "gold_answer"  # also tried: answer
     prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
+    prompt_format: str = "chat"  # "chat" = the tokenizer's chat template; else a format string with {prompt}
     difficulty_balance: bool = False  # repeat prompts by offline pass_rate (OREAL.md §4.1)
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
     seed: int = 0

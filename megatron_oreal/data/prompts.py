@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_oreal.config import DataConfig
+from megatron_oreal.data.templates import CHAT, tokenize_prompts
 from megatron_oreal.types import Prompt
 
 PROMPT_KEYS = ("question", "problem", "prompt")
@@ -139,6 +140,20 @@ def load_eval_set(path: str | Path, prompt_key: str | None = None, answer_key: s
     return load_prompts(path, prompt_key, answer_key, answer_format, limit)
 
 
+def _prompt_format(cfg: DataConfig) -> str:
+    return getattr(cfg, "prompt_format", CHAT)
+
+
+def load_eval_prompts(cfg: DataConfig, tokenizer: Any = None) -> list[Prompt]:
+    """`data.eval_file` (first `data.eval_limit` rows), templated like the training prompts."""
+    if not cfg.eval_file:
+        raise DataError("data.eval_file is empty: no held-out set configured")
+    prompts = load_eval_set(cfg.eval_file, cfg.prompt_key, cfg.answer_key, limit=cfg.eval_limit)
+    if tokenizer is not None:
+        tokenize_prompts(prompts, tokenizer, cfg.system_prompt, _prompt_format(cfg))
+    return prompts
+
+
 def balance_difficulty(prompts: Sequence[Prompt], table=DIFFICULTY_REPEATS) -> list[Prompt]:
     """Repeat each prompt by its offline pass rate ([DP] balance_difficulty_with_cfg); drop the rest."""
     out = []
@@ -182,13 +197,17 @@ class PromptStream:
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, prompts: Sequence[Prompt] | None = None,
+    def from_config(cls, cfg: DataConfig, tokenizer: Any = None, *, prompts: Sequence[Prompt] | None = None,
                     dp_rank: int = 0, dp_size: int = 1) -> "PromptStream":
-        """From `data.*`: loads `train_file` (unless prompts are given, e.g. the built-in task)."""
+        """From `data.*`: load `train_file` (unless `prompts` are given), template + tokenise them with
+        `tokenizer` (when given), balance by difficulty when configured."""
         if prompts is None:
             if not cfg.train_file or cfg.train_file.startswith("builtin:"):
-                raise DataError(f"data.train_file: {cfg.train_file!r} is not a JSONL file; pass the built-in task's prompts")
+                raise DataError(f"data.train_file: {cfg.train_file!r} is not a JSONL file; "
+                                "write the built-in task's prompts to JSONL (data/arith.py) or pass prompts")
             prompts = load_prompts(cfg.train_file, cfg.prompt_key, cfg.answer_key)
+        if tokenizer is not None:
+            tokenize_prompts(prompts, tokenizer, cfg.system_prompt, _prompt_format(cfg))
         if cfg.difficulty_balance:
             prompts = balance_difficulty(prompts)
         return cls(prompts, cfg.prompts_per_step, cfg.seed, dp_rank, dp_size)
