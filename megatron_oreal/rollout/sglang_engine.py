@@ -364,6 +364,8 @@ class SGLangEngine:
         self.server.start()
         self.released.clear()
         self.needs_resync = self.synced
+        if self.check_first_sync and not self.synced:
+            self.client.weights_checker("snapshot")  # the first sync's check compares with this server
 
     # RolloutEngine -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[GenOutput]]:
@@ -390,6 +392,7 @@ class SGLangEngine:
 
         sync_weights(named_tensors, SGLangIPCTransport(self), fp8=self.fp8, bucket_bytes=self.bucket_bytes,
                      check=self.check_first_sync and not self.synced)
+        self.synced, self.needs_resync = True, False  # on every rank: the next check decision must agree
 
     def release_memory(self) -> None:
         def run() -> None:
