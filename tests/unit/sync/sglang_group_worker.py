@@ -26,7 +26,7 @@ def main(port: int, out_dir: str) -> None:
     log = os.path.join(out_dir, "requests.jsonl")
     cmd = [sys.executable, os.path.abspath(FAKE_SERVER), "serve", str(port), log, out_dir, "decode"]
     cfg = SimpleNamespace(tensor_parallel_size=2, fp8=False, max_restarts=1, sync_bucket_mb=64,
-                          check_weights_after_first_sync=False, mem_fraction_static=0.5)
+                          check_weights_after_first_sync=True, mem_fraction_static=0.5)
     eng = SGLangEngine(out_dir, None, cfg, group=group, leader_rank=leader, port=port, command=cmd, launch_timeout_s=60)
     seen = {"is_leader": eng.is_leader, "leader": leader, "health": eng.health()}
 

@@ -1,6 +1,6 @@
 """Two ranks, one SGLang engine (fake server): group-collective generate, the IPC transport's
 gather to the leader (each rank's own payload; leader-only payloads when the others hold None),
-and errors shared by the whole group. One torchrun launch checks all of it."""
+the first-sync weight check, and errors shared by the whole group. One torchrun launch checks all of it."""
 
 import hashlib
 import json
@@ -55,6 +55,8 @@ def test_two_rank_engine_group(tmp_path):
     paths = [e["path"] for e in log]
     assert paths.count("/release_memory_occupation") == 1 and paths.count("/pause_generation") == 2
     assert paths.count("/continue_generation") == 2
+    # the first sync (only) is checked, and both ranks agree on it (no rank left in a collective)
+    assert [e["action"] for e in log if e["path"] == "/weights_checker"] == ["snapshot", "reset_tensors", "compare"]
 
     for r in (r0, r1):
         assert "SGLang generate" in r["abort"] and "abort" in r["abort"], r["abort"]
