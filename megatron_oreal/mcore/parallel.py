@@ -125,12 +125,13 @@ def current_layout() -> Layout:
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (safe to call twice)."""
+def destroy_parallel(keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups and (unless keep_process_group, e.g. to re-initialise at another
+    TP/PP in the same job) the default process group. Safe to call twice."""
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
 
 
@@ -158,6 +159,13 @@ def model_parallel_group():
     from megatron.core import parallel_state as ps
 
     return ps.get_model_parallel_group()
+
+
+def embedding_group():
+    """First + last PP stage ranks holding the tied word embeddings (their grads must be summed)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_embedding_group() if ps.is_rank_in_embedding_group() else None
 
 
 def tp_ranks() -> list[int]:
