@@ -40,7 +40,7 @@ def read_pairs(path: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_oreal verify", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_oreal verify", description="Score solution/gold pairs with the math verifier.")
     parser.add_argument("--pairs", required=True, help="JSONL with solution/gold[/expected] per line")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (0: in-process, no timeout)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per case before the worker is killed")

@@ -53,6 +53,10 @@ def as_case(item: Any) -> Case:
 
 
 def _worker_main(conn: Connection, stop_word: str | None) -> None:
+    # A no-op when the forkserver preloaded it; warms this worker if the forkserver was started
+    # earlier by someone else (then our preload list was never applied).
+    import megatron_oreal.reward._forkserver_preload  # noqa: F401
+
     while True:
         try:
             msg = conn.recv()
