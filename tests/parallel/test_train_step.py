@@ -18,10 +18,14 @@ from helpers.tiny_hf import make_tiny_qwen2  # noqa: E402
 from helpers.torchrun import run_torchrun  # noqa: E402
 from reference.oreal_torch import load_hf, oreal_reference_step, response_logprobs  # noqa: E402
 
+from train_step_worker import LAYOUTS  # noqa: E402
+
 from megatron_oreal.config import AlgoConfig, OptimConfig  # noqa: E402
+from megatron_oreal.mcore.packing import build_micro_batches  # noqa: E402
 from megatron_oreal.types import TrainBatch, TrainSequence  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step_worker.py")
+sys.path.insert(0, os.path.dirname(WORKER))  # the worker's LAYOUTS
 pytestmark = pytest.mark.slow
 
 
@@ -77,12 +81,18 @@ def test_gradients_invariant_to_sharding_and_micro_batching(case):
             assert float(c[2]) < 1e-5, c
         elif c[0] == "metric":
             assert float(c[3]) < 1e-5, c
-    assert tags == {"tp2pp2dp1mb4096", "tp2pp1dp2mb40", "tp1pp2dp2mb64", "tp1pp1dp4mb24"}, tags
+    batch = torch.load(root / "case.pt", weights_only=False)["batch"]
+    want_mbs = {}
+    for tp, pp, budget in LAYOUTS:
+        dp = 4 // (tp * pp)
+        tag = f"tp{tp}pp{pp}dp{dp}mb{budget}"
+        # summed over all 4 ranks: every TP/PP rank of a replica runs its replica's micro-batches
+        want_mbs[tag] = tp * pp * sum(len(build_micro_batches(batch, r, dp, budget)) for r in range(dp))
+    assert tags == set(want_mbs), tags
     assert len([c for c in checks if c[0] == "rm_head_rel"]) == 4
-    mbs = {c[1]: int(c[2]) for c in checks if c[0] == "microbatches"}
-    # summed over all 4 ranks: one row at TP2xPP2; at DP4 with a 24-token budget every sequence (9-19
-    # tokens) is its own micro-batch
-    assert mbs["tp2pp2dp1mb4096"] == 4 and mbs["tp1pp1dp4mb24"] == 7, mbs
+    got_mbs = {c[1]: int(c[2]) for c in checks if c[0] == "microbatches"}
+    assert got_mbs == want_mbs
+    assert want_mbs["tp2pp2dp1mb30"] >= 4 * 3 and want_mbs["tp1pp2dp2mb20"] >= 2 * 6  # several per pipeline
 
 
 def test_zero_head_packing_learning_direction_and_sft(case):

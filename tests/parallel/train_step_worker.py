@@ -17,6 +17,12 @@ import torch
 import torch.distributed as dist
 
 
+# (tp, pp, micro-batch token budget) on 4 ranks: the PP layouts run several variable-length
+# micro-batches through 1F1B; TP2xDP2 packs each rank's share into one row; DP4 gives every
+# sequence its own micro-batch.
+LAYOUTS = [(2, 2, 30), (2, 1, 4096), (1, 2, 20), (1, 1, 24)]
+
+
 def _say(layout, *parts) -> None:
     if layout.rank == 0:
         print("CHECK", *parts, flush=True)
@@ -84,8 +90,7 @@ def invariance(workdir: str) -> None:
     batch, algo, hf_cfg, oracle = blob["batch"], blob["algo"], blob["hf_cfg"], blob["oracle"]
     optim_cfg = blob["optim"]
     world = int(os.environ["WORLD_SIZE"])
-    # (tp, pp, micro-batch token budget): TP2xPP2, TP2xDP2, PP2xDP2, DP4 with tiny micro-batches
-    layouts = [(2, 2, 4096), (2, 1, 40), (1, 2, 64), (1, 1, 24)] if world == 4 else [(1, 1, 4096)]
+    layouts = LAYOUTS if world == 4 else [(1, 1, 4096)]
     for tp, pp, budget in layouts:
         layout, policy, rm, reference = _setup(tp, pp, hf_cfg, os.path.join(workdir, "policy"), blob["rm_head"],
                                                os.path.join(workdir, "ref"))
