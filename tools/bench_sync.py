@@ -136,6 +136,9 @@ def bench_tp(args) -> None:
         dist.barrier()
         rows.append((label, best_of(lambda: (fn(), dist.barrier()), args.repeats)))
     if dst:
+        got = {n: tuple(t.shape) for n, t in engine.weights.items()}
+        if got != shapes:
+            raise SystemExit(f"gather delivered other HF names/shapes than expected: {sorted(set(got) ^ set(shapes))[:5]}")
         tensors = {n: t.clone() for n, t in engine.weights.items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         params = sum(t.numel() for t in tensors.values())
