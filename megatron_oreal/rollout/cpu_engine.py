@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from megatron_oreal.rollout.engine import GenOutput, SamplingParams
 
@@ -54,6 +55,10 @@ def _matmul_attention(module, query, key, value, attention_mask, scaling, dropou
 
 
 AttentionInterface.register(ATTN_NAME, _matmul_attention)
+# Without a registered mask function transformers passes mask=None to a custom attention (no causal
+# masking at all). Registering its eager (additive float) mask keeps a plain `model(input_ids)` on
+# the engine's model correct; the decode loop passes its own prebuilt masks and skips this.
+AttentionMaskInterface.register(ATTN_NAME, eager_mask)
 
 
 class _PreallocLayer(DynamicLayer):
