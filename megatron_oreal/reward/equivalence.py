@@ -254,8 +254,8 @@ def answers_equal(pred: str, gold: str) -> bool:
         gi = [_interval(g)]  # gold `(a, b)` against `a < x < b`: read the gold as an interval
     if gi is not None:
         pi = _intervals(p)
-        if pi is not None and _unordered(pi, gi, _interval_equal):
-            return True
+        if pi is not None:
+            return _unordered(pi, gi, _interval_equal)
         if _RELATION_RE.search(p) and _RELATION_RE.search(g):  # `-x > -1` vs `x < 1`: let sympy solve
             from megatron_oreal.reward.symbolic import relations_equal
 

@@ -13,7 +13,7 @@ import re
 import sympy
 
 _TOKEN_RE = re.compile(
-    r"\s*(?:(?P<num>\d+(?:\.\d+)?|\.\d+)|(?P<cmd>\\[a-zA-Z]+)|(?P<letter>[a-zA-Z])|(?P<op>[-+*/^_=(){}\[\]|!,']))"
+    r"\s*(?:(?P<num>\d+(?:\.\d+)?|\.\d+)|(?P<cmd>\\[a-zA-Z]+)|(?P<letter>[a-zA-Z])|(?P<op><=|>=|[-+*/^_=(){}\[\]|!,'<>]))"
 )
 _FUNCS = {
     "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec, "csc": sympy.csc,
@@ -26,7 +26,11 @@ _GREEK = {
 }
 _MUL_CMDS = {"\\cdot", "\\times", "\\ast"}
 _IGNORED = {"\\left", "\\right", "\\displaystyle", "\\mathrm", "\\mathit"}
-_OPEN_FOR = {")": "(", "]": "[", "}": "{"}
+_RELATIONS = {
+    "<": sympy.Lt, ">": sympy.Gt, "<=": sympy.Le, ">=": sympy.Ge, "\\lt": sympy.Lt, "\\gt": sympy.Gt,
+    "\\le": sympy.Le, "\\leq": sympy.Le, "\\ge": sympy.Ge, "\\geq": sympy.Ge, "\\leqslant": sympy.Le,
+    "\\geqslant": sympy.Ge,
+}
 
 
 class ParseError(ValueError):
@@ -69,6 +73,14 @@ class _Parser:
         if self.peek()[1] == "=":
             self.take()
             expr = sympy.Eq(expr, self.additive(), evaluate=False)
+        elif self.peek()[1] in _RELATIONS:  # `a < x \le b` becomes And(a < x, x <= b)
+            parts, left = [], expr
+            while self.peek()[1] in _RELATIONS:
+                rel = _RELATIONS[self.take()[1]]
+                right = self.additive()
+                parts.append(rel(left, right))
+                left = right
+            expr = parts[0] if len(parts) == 1 else sympy.And(*parts)
         if self.peek()[0] != "eof":
             raise ParseError(f"trailing {self.peek()[1]!r}")
         return expr
@@ -110,7 +122,7 @@ class _Parser:
         if kind in ("num", "letter"):
             return True
         if kind == "cmd":
-            return text not in _MUL_CMDS and text != "\\div"
+            return text not in _MUL_CMDS and text != "\\div" and text not in _RELATIONS
         return text in ("(", "[", "{")
 
     def unary(self):
