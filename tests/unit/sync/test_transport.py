@@ -43,7 +43,7 @@ def _model():
 def test_inprocess_sync_metrics_and_check():
     model = _model()
     engine = DictEngine()
-    m = sync_weights(model.items(), InProcessTransport(engine), bucket_bytes=6000, check=True)
+    m = sync_weights(model.items(), InProcessTransport(engine, flat=True), bucket_bytes=6000, check=True)
     # bytes by hand: embed 64*32*2=4096, q 32*32*2=2048, bias 128, down 32*130*2=8320, norm 128
     assert m.bytes == m.source_bytes == 4096 + 2048 + 128 + 8320 + 128
     # source buckets at 6000 B: [embed], [q, bias], [down], [norm] -> dtype buffers 1 + 2 + 1 + 1
@@ -63,6 +63,10 @@ def test_inprocess_sync_metrics_and_check():
 
     with pytest.raises(RuntimeError, match="1 tensor\\(s\\) differ in the engine: model.norm.weight"):
         sync_weights(model.items(), InProcessTransport(LossyEngine()), check=True)
+    # unflattened (the default): one engine call per source bucket, same bytes, same weights
+    plain = DictEngine()
+    m2 = sync_weights(model.items(), InProcessTransport(plain), bucket_bytes=6000, check=True)
+    assert (m2.bytes, m2.buckets, plain.calls) == (14720, 4, 4) and plain.weights.keys() == engine.weights.keys()
 
 
 def test_fp8_sync_sends_quantized_linears():
