@@ -174,9 +174,9 @@ class PromptStream:
     """An endless, seeded, epoch-reshuffled stream of `prompts_per_step` prompts per step.
 
     The global order is the same on every rank: epoch e is a permutation drawn from a generator
-    seeded with (seed, e). A step takes the next `prompts_per_step` prompts of that order (running on
-    into the next epoch when one ends) and rank r keeps its contiguous slice of
-    prompts_per_step / dp_size. The cursor (epoch, offset) is the whole state, so a resumed run
+    seeded with (seed, e). A step takes the next `prompts_per_step` prompts of that order; an epoch's
+    tail shorter than a step is skipped (as a drop_last sampler does; the next shuffle differs) unless
+    the whole set is smaller than a step. Rank r keeps its contiguous slice of prompts_per_step / dp_size. The cursor (epoch, offset) is the whole state, so a resumed run
     continues with exactly the same prompts.
     """
 
@@ -223,7 +223,13 @@ class PromptStream:
         picked: list[int] = []
         while len(picked) < self.prompts_per_step:
             order = self._epoch_order(self.epoch)
-            take = min(self.prompts_per_step - len(picked), len(order) - self.offset)
+            need, left = self.prompts_per_step - len(picked), len(order) - self.offset
+            if not picked and left < need and len(order) >= self.prompts_per_step:
+                # drop the epoch's short tail (a fresh shuffle next epoch), so one step never holds the
+                # same row twice; only a set smaller than a step has to run on across epochs
+                self.epoch, self.offset = self.epoch + 1, 0
+                continue
+            take = min(need, left)
             picked.extend(order[self.offset : self.offset + take].tolist())
             self.offset += take
             if self.offset == len(order):
