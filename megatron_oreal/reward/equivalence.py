@@ -16,6 +16,10 @@ Policy (the choices a grader has to make, written down once):
   written base; a decimal value alone is wrong (it is usually the question's number).
 - A gold letter A-E (or `(A)`) is a multiple-choice answer: only the predicted letter counts.
 - Prose gold (words, no maths) is compared case- and punctuation-insensitively.
+- Presentation is dropped before comparing: `$`, `\\left`, spacing, `\\text{..}` wrappers, a
+  trailing unit word (`cm`, `\\text{ miles}`, `dollars`), `\\$`, the degree sign. Degrees are not
+  converted to radians (90^\\circ != \\pi/2). `a \\pm b` is the list `a + b, a - b`.
+- A bare list `1, 2` may stand for the tuple `(1, 2)` (in order); `(1, 2)` and `[1, 2]` differ.
 """
 
 from __future__ import annotations

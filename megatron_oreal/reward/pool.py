@@ -157,9 +157,16 @@ class Verifier:
                 if w.job is None and todo:
                     i = todo.popleft()
                     c = cases[i]
-                    w.conn.send((i, c.solution, c.gold, c.finish_reason))
+                    try:
+                        w.conn.send((i, c.solution, c.gold, c.finish_reason))
+                    except (BrokenPipeError, OSError):  # died while idle: replace it, retry the case
+                        todo.appendleft(i)
+                        self._died(w, i)
+                        continue
                     w.job = (i, time.monotonic() + self.timeout)
             busy = [w for w in self._workers if w.job]
+            if not busy:
+                continue
             first_deadline = min(w.job[1] for w in busy)
             ready = wait([w.conn for w in busy], timeout=max(0.0, first_deadline - time.monotonic()))
             for w in busy:
@@ -169,14 +176,7 @@ class Verifier:
                         self._deaths = 0
                     except (EOFError, OSError):  # the worker died (e.g. out of memory)
                         i, reason = w.job[0], "error"
-                        log.warning("verifier worker died on case %d; restarting it", i)
-                        self._deaths += 1
-                        if self._deaths > _MAX_DEATHS:
-                            raise RuntimeError(
-                                "verifier workers keep dying; if this is a script, guard its entry "
-                                "point with `if __name__ == '__main__':` (forkserver re-imports it)"
-                            ) from None
-                        self._replace(w)
+                        self._died(w, i)
                     reasons[i] = reason
                     w.job = None
                 elif time.monotonic() >= w.job[1]:
@@ -184,6 +184,16 @@ class Verifier:
                     log.warning("verifier case %d exceeded %.1fs; killing its worker", i, self.timeout)
                     reasons[i] = "timeout"
                     self._replace(w)
+
+    def _died(self, w: _Worker, case: int) -> None:
+        log.warning("verifier worker died on case %d; restarting it", case)
+        self._deaths += 1
+        if self._deaths > _MAX_DEATHS:
+            raise RuntimeError(
+                "verifier workers keep dying; if this is a script, guard its entry "
+                "point with `if __name__ == '__main__':` (forkserver re-imports it)"
+            )
+        self._replace(w)
 
     def _replace(self, w: _Worker) -> None:
         w.kill()

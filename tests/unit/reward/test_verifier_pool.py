@@ -64,3 +64,12 @@ def test_close_and_context_manager():
 def test_in_process_mode():
     with Verifier(workers=0) as v:
         assert [r.correct for r in v.verify_batch([(r"\boxed{2x}", "x+x"), (r"\boxed{3}", "4")])] == [True, False]
+
+
+def test_dead_idle_worker_is_replaced():
+    with Verifier(workers=1, timeout=5) as v:
+        v._workers[0].proc.kill()
+        v._workers[0].proc.join()
+        results = v.verify_batch([(r"\boxed{x+x}", "2x"), (r"\boxed{3}", "3")])
+    assert [r.reason for r in results][1] == "correct"
+    assert results[0].reason in ("correct", "error")  # sent before the death was noticed, or retried
