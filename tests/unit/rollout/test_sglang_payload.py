@@ -343,6 +343,53 @@ def test_payloads_validate_against_sglang_classes():
         pydantic.TypeAdapter(cls).validate_python(kw)
 
 
+# ------------------------------------------------------------------------------------ real SGLang on a GPU
+@pytest.mark.gpu
+def test_real_sglang_engine_on_gpu(tmp_path):
+    """Unrun on the CPU machines this was written on: a real server on a tiny random Qwen2, greedy
+    generation vs transformers, the release -> sync -> resume cycle with the first-sync check, and
+    a sync of new weights that changes what it generates the way transformers says it should."""
+    pytest.importorskip("sglang")
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import SGLangEngine
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, torch_dtype="bfloat16")
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).cuda().eval()
+    model.save_pretrained(tmp_path / "hf")
+    rollout = SimpleNamespace(tensor_parallel_size=1, fp8=False, max_restarts=1, sync_bucket_mb=8,
+                              check_weights_after_first_sync=True, mem_fraction_static=0.3)
+    eng = SGLangEngine(str(tmp_path / "hf"), None, rollout, log_path=str(tmp_path / "sglang.log"),
+                       extra_args=["--disable-cuda-graph"])
+    try:
+        prompt = [1, 5, 9, 13]
+        greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+
+        def hf_first_token(m):
+            with torch.no_grad():
+                return int(m(torch.tensor([prompt]).cuda()).logits[0, -1].argmax())
+
+        out = eng.generate([prompt], greedy)
+        assert out[0][0].token_ids == out[0][1].token_ids and len(out[0][0].token_ids) == 6
+        assert out[0][0].token_ids[0] == hf_first_token(model)
+        eng.release_memory()
+        eng.update_weights((n, t) for n, t in model.state_dict().items())  # checked against the start-up load
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        eng.release_memory()
+        eng.update_weights((n, t) for n, t in model.state_dict().items())
+        out = eng.generate([prompt], greedy)
+        assert out[0][0].token_ids[0] == hf_first_token(model)
+    finally:
+        eng.close()
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "decode")
