@@ -82,7 +82,7 @@ def sglang_sampling_params(sampling: SamplingParams, max_new_tokens: int, seed: 
     """Our SamplingParams -> one SGLang sampling_params dict (sampling_params.py:114-154)."""
     return {
         "max_new_tokens": max_new_tokens,
-        "temperature": sampling.temperature,  # 0 -> SGLang switches to top_k=1 (greedy), :214-217
+        "temperature": sampling.temperature,  # 0 -> SGLang switches to top_k=1 (greedy), :217-220
         "top_p": sampling.top_p,
         "top_k": sampling.top_k if sampling.top_k > 0 else -1,  # ours 0 = off, SGLang's -1 = off
         "stop_token_ids": list(sampling.stop_token_ids) or None,

@@ -4,7 +4,7 @@ Why: sending one buffer (one CUDA IPC handle) per bucket instead of one per tens
 colocated weight sync 4-10x faster in slime/verl (reference/peer_systems.md §2.1, §8.1: vime#175,
 verl#2418). This is our own implementation of the layout SGLang reads back with
 `FlattenedTensorBucket(flattened_tensor=..., metadata=...).reconstruct_tensors()`
-(sglang 0.5.21 `srt/weight_sync/tensor_bucket.py:8-99`): a 1-D uint8 buffer plus, per tensor,
+(sglang 0.5.21 `srt/weight_sync/tensor_bucket.py:8-107`): a 1-D uint8 buffer plus, per tensor,
 `name, shape, dtype, start_idx, end_idx, numel`, where the indices and `numel` count *bytes*.
 
 One buffer per dtype (not one mixed buffer): a bf16 tensor followed by an fp32 one would put the
@@ -55,7 +55,7 @@ class FlatBucket:
 
     def sglang_payload(self) -> dict:
         """The dict SGLang's `_update_weights_from_flattened_bucket` reads
-        (sglang 0.5.21 `model_runner_components/weight_updater.py:375-403`). The metadata are
+        (sglang 0.5.21 `model_runner_components/weight_updater.py:375-405`). The metadata are
         `types.SimpleNamespace`s: SGLang reads them by attribute, and its `SafeUnpickler`
         allow-list (`srt/utils/common.py:3081-3293`) admits SimpleNamespace but not our classes."""
         meta = [
