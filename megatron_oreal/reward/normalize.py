@@ -186,8 +186,8 @@ def parse_choice(s: str, strict: bool) -> str | None:
         m = re.fullmatch(r"\(?([A-Ea-e])\)?\.?", t)
         return m.group(1).upper() if m and (t.isupper() or "(" in t) else None
     m = _CHOICE_RE.match(t)
-    if not m:
-        return None
+    if not m or len(set(re.findall(r"(?<![A-Za-z])[A-E](?![A-Za-z])", t.upper()))) > 1:
+        return None  # `A or B`, `(A) and (C)`: naming two options is a hedge
     letter = m.group(1)
     # lower-case letters alone are usually variables; accept them only parenthesised
     return letter.upper() if letter.isupper() or t.startswith("(") else None
