@@ -158,3 +158,26 @@ def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
     assert "not RUNNING: not requeueing" in text
     info = _wait("the job to end", lambda: _finished(job) and _job(job), 60, job, log)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
+
+
+TINY_CONFIG = REPO / "examples" / "tiny" / "oreal.yaml"
+
+
+@pytest.mark.skipif(not TINY_CONFIG.exists(), reason=f"the tiny run's config {TINY_CONFIG} does not exist yet")
+def test_real_tiny_trainer_two_ranks(slurm_cluster, jobs, tmp_path):
+    """The real command of tiny_cpu.sbatch (`python -m megatron_oreal train examples/tiny/oreal.yaml`), 2 steps."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("OREAL_TRAIN_CMD", None)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "--export=ALL", str(SCRIPT),
+         str(TINY_CONFIG), f"run_dir={run_dir}", "steps=2"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    job = proc.stdout.strip().split(";")[0]
+    jobs.append(job)
+    log = tmp_path / f"oreal-tiny-{job}.out"
+    state = _wait("the tiny run to finish", lambda: _finished(job), 900, job, log)
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{log.read_text()}"
+    assert (run_dir / "summary.json").exists(), log.read_text()
+    assert "2 task(s)" in log.read_text()
