@@ -2,6 +2,12 @@
 
 `verify` and `extract_answer` import no sympy until a case needs it, so the trainer's parent
 process stays light; the `Verifier` pool does the symbolic work in killable workers.
+
+`verify` relies on size/depth pre-checks only (a pure function cannot kill itself); for model
+output at scale use `Verifier`, whose per-case wall-clock limit is the backstop:
+
+    with Verifier(workers=2, timeout=5.0, stop_word="<|im_end|>") as v:
+        results = v.verify_batch([(response, gold, finish_reason), ...])  # Result(correct, reason)
 """
 
 from megatron_oreal.reward.extract import extract_answer
