@@ -81,3 +81,15 @@ def test_which_tensors_are_quantized_and_naming():
         scale_name("x.bias")
     with pytest.raises(ValueError, match="scale_inv shape \\(1, 1\\) does not match \\(2, 3\\)"):
         dequantize_block_fp8(d["model.layers.0.mlp.down_proj.weight"], torch.ones(1, 1))
+
+
+def test_sglang_dequantizes_our_layout_the_same_way():
+    pytest.importorskip("sglang")
+    try:
+        from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
+    except Exception as exc:  # pragma: no cover - depends on the local sglang install
+        pytest.skip(f"sglang installed but fp8_utils does not import here: {exc}")
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.01, 3, 200)
+    q, s = quantize_block_fp8(w)
+    # SGLang's loader reads weight_scale_inv as [row blocks, col blocks] multipliers, as we write it
+    assert torch.equal(block_quant_dequant(q, s, [128, 128], torch.float32), dequantize_block_fp8(q, s))
