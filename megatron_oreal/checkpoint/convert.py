@@ -4,7 +4,10 @@
     python -m megatron_oreal convert mcore-to-hf --ckpt DIR --out DIR --hf-config DIR [--tp N --pp N]
 
 Runs plainly (a world of one) or under torchrun (world = tp x pp x dp; each rank reads only its
-shard). Every destination is written to a temporary folder and renamed at the end.
+shard): `torchrun --nproc_per_node 4 -m megatron_oreal convert hf-to-mcore ... --tp 2 --pp 2`.
+Use `-m`, not the path of megatron_oreal/__main__.py: the checkpoint writer's spawned processes
+re-run a main script given by path. Every destination is written to a temporary folder and
+renamed at the end.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Launch a worker script under torchrun with a free port and a hard timeout."""
+"""Launch a worker under torchrun with a free port and a hard timeout."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,26 +15,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | None = None) -> str:
-    """Run `torchrun --nproc_per_node nproc script *args`; return stdout.
+def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | None = None,
+                 module: bool = False) -> str:
+    """Run `torchrun --nproc_per_node nproc script *args` (module=True: `torchrun -m script`); return stdout.
 
     Raises AssertionError with the workers' stderr tail on a non-zero exit or a timeout (a dead gloo
-    peer or checkpoint writer can hang, so every launch is bounded).
+    peer or checkpoint writer can hang, so every launch is bounded). On timeout the whole process
+    group (torchrun, its workers and their checkpoint-writer children) is killed.
+    Worker scripts need an `if __name__ == "__main__":` guard; to launch a package's CLI use
+    module=True (multiprocessing's spawn re-runs a script given by path, but not `pkg.__main__`).
     """
+    target = ["-m", str(script)] if module else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    except subprocess.TimeoutExpired as e:
-        err = (e.stderr or b"")[-6000:]
-        err = err.decode(errors="replace") if isinstance(err, bytes) else err
-        raise AssertionError(f"torchrun {script} (nproc={nproc}) timed out after {timeout}s\n{err}") from None
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun {script} (nproc={nproc}) timed out after {timeout}s\n"
+                             f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-6000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun {script} (nproc={nproc}) exited {proc.returncode}\n"
-            f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-8000:]}"
         )
-    return proc.stdout
+    return out
