@@ -9,7 +9,7 @@ How a call runs (per chunk of prompts):
   2. repeat the KV cache `n` times (samples of a prompt share its prefill);
   3. decode one token per step for all live rows; rows that stop are dropped from the batch once
      enough of them are done (the cache is compacted), so long tails cost only their own rows.
-Two things make it fast on a tiny model (measured, see tests/unit/rollout/test_cpu_engine.py):
+Two things make it fast on a tiny model (measured; tests/unit/rollout/bench_cpu_engine.py times it):
 a preallocated KV cache (HF's DynamicCache concatenates every step: quadratic copying), and a
 plain matmul attention for decoding (PyTorch's CPU flash-SDPA kernel costs ~6 ms per call at q=1).
 

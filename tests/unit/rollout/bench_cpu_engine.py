@@ -1,0 +1,68 @@
+"""Speed of the CPU engine on the embedded default's shape (not collected by pytest; run by hand):
+
+    python tests/unit/rollout/bench_cpu_engine.py [--threads 2] [--hf-generate]
+
+32 prompts x 8 samples x 30 new tokens from the 0.6M-param 4-layer Qwen2 of the tiny task
+(tiny_task_calibration.md §2). A random model rarely emits the stop token, so every row runs the
+full 30 tokens: the worst case. Prints wall and process CPU seconds per call (median of 5).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ for helpers
+
+from helpers.tiny_hf import make_tiny_qwen2  # noqa: E402
+
+from megatron_oreal.data.char_tokenizer import build_tokenizer  # noqa: E402
+from megatron_oreal.data.templates import apply_template  # noqa: E402
+from megatron_oreal.rollout.cpu_engine import CPUEngine  # noqa: E402
+from megatron_oreal.rollout.engine import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--new", type=int, default=30)
+    ap.add_argument("--hf-generate", action="store_true", help="also time transformers' generate on the same work")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = build_tokenizer()
+    out = Path("/tmp/bench_cpu_engine_model")
+    make_tiny_qwen2(out, vocab_size=len(tok), hidden=128, layers=4, heads=4, kv_heads=2, ffn=256, tie=True)
+    engine = CPUEngine(out, tok)
+    params = sum(p.numel() for p in engine.model.parameters())
+    rng = torch.Generator().manual_seed(0)
+    qs = [f"Compute {int(torch.randint(10, 99, (1,), generator=rng))}+{int(torch.randint(1, 9, (1,), generator=rng))}"
+          f"*{int(torch.randint(1, 9, (1,), generator=rng))}.\n" for _ in range(args.prompts)]
+    prompts = [apply_template(tok, q, "none") for q in qs]
+    sp = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new, stop_token_ids=(tok.eos_token_id,), seed=0)
+    engine.generate(prompts, sp)  # warm-up
+    walls, cpus, tokens = [], [], 0
+    for i in range(5):
+        t, c = time.perf_counter(), time.process_time()
+        outs = engine.generate(prompts, sp.with_seed(i))
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        tokens = sum(len(o.token_ids) for group in outs for o in group)
+    print(f"CPUEngine: {params} params, {args.prompts}x{args.n} samples, {tokens} new tokens, {args.threads} threads: "
+          f"wall {statistics.median(walls):.3f} s (min {min(walls):.3f}), cpu {statistics.median(cpus):.3f} s")
+    if args.hf_generate:
+        model = engine.model.__class__.from_pretrained(out, dtype=torch.float32).eval()
+        tok.padding_side = "left"
+        batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+        t = time.perf_counter()
+        model.generate(**batch, do_sample=True, num_return_sequences=args.n, max_new_tokens=args.new, min_new_tokens=args.new,
+                       top_k=0, pad_token_id=tok.pad_token_id)
+        print(f"transformers generate, same work: wall {time.perf_counter() - t:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
