@@ -12,6 +12,7 @@ deep nesting); the pool's kill-based timeout is the backstop for anything it mis
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -47,8 +48,11 @@ def guard(s: str) -> bool:
         return False
     if any(len(run) > MAX_DIGITS for run in re.findall(r"\d+", s)):
         return False
-    if any(int(e) > _MAX_EXPONENT for e in _EXPONENT_RE.findall(s)):
+    exponents = [int(e) for e in _EXPONENT_RE.findall(s)]
+    if any(e > _MAX_EXPONENT for e in exponents):
         return False
+    if len(exponents) > 1 and math.prod(exponents) > _MAX_EXPONENT**2 // 100:
+        return False  # (10^{400})^{10000}: each exponent small, the nested power 4M digits
     if re.search(r"!\s*!", s):
         return False  # 9!!!!!!: iterated factorials explode after two steps
     for arg in _FACTORIAL_ARG_RE.findall(s):

@@ -19,6 +19,7 @@ CASES = [
     ("sum_huge", r"\boxed{\sum_{n=1}^{10^{10}} n}", "1"),
     ("prod_huge", r"\boxed{\prod_{n=1}^{10^{10}} n}", "1"),
     ("pow_big_exponent", r"\boxed{2^{100000}}", "3"),
+    ("pow_of_pow", r"\boxed{(10^{400})^{10000}}", "1"),
     ("pow_symbolic_big", r"\boxed{x^{10^{9}}}", "x"),
     ("sci_exponent_huge", r"\boxed{1e999999999}", "1"),
     ("sci_negative_huge", r"\boxed{10^{-999999999}}", "0"),
