@@ -202,3 +202,23 @@ def test_bad_inputs_give_clear_errors(tmp_path, layout):
                        r"expected \(32, 64\)")
         with pytest.raises(CheckpointError, match=expect):
             _policy(d, layout)
+
+
+def test_bf16_policy_close_to_fp32_and_exports_config_dtype(tmp_path, layout):
+    from safetensors.torch import load_file
+
+    from megatron_oreal.checkpoint.gather import export_hf
+    from megatron_oreal.mcore.model import forward_logits
+
+    cfg = make_tiny_qwen2(tmp_path / "src", seed=12)
+    _, model = _policy(tmp_path / "src", layout, dtype="bf16")
+    assert model.config.bf16 and model.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = forward_logits(model, ids).float()
+    ref = _hf_logits(tmp_path / "src", ids)
+    assert (ours - ref).abs().max().item() < 0.05 * ref.abs().max().item()  # bf16 rounding only
+    export_hf(model, layout, str(tmp_path / "out"), cfg, log=None)  # config says float32
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "src" / "model.safetensors")
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k].bfloat16().float())
