@@ -163,7 +163,9 @@ def balance_difficulty(prompts: Sequence[Prompt], table=DIFFICULTY_REPEATS) -> l
         rate = p.meta["pass_rate"]
         for (low, high), repeat in table:
             if low <= rate < high:
-                out.extend(dataclasses.replace(p, input_ids=list(p.input_ids), meta=dict(p.meta)) for _ in range(repeat))
+                # copies get distinct uids ("name:line#2"...): one step may hold several of them
+                out.extend(dataclasses.replace(p, uid=p.uid if r == 0 else f"{p.uid}#{r + 1}", input_ids=list(p.input_ids),
+                                               meta=dict(p.meta)) for r in range(repeat))
                 break
     if not out:
         raise DataError("difficulty balancing dropped every prompt (all pass_rate >= 0.8)")

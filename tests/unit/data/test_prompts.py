@@ -81,7 +81,8 @@ def test_difficulty_balancing_counts():
     rates = [0.0, 0.1, 0.2, 0.39, 0.4, 0.59, 0.6, 0.79, 0.8, 1.0]
     prompts = [Prompt(uid=f"p{i}", text=f"q{i}", gold="1", meta={"pass_rate": r}) for i, r in enumerate(rates)]
     out = balance_difficulty(prompts)
-    counts = {p.uid: sum(q.uid == p.uid for q in out) for p in prompts}
+    counts = {p.uid: sum(q.uid.split("#")[0] == p.uid for q in out) for p in prompts}
+    assert [q.uid for q in out[:7]] == ["p0", "p0#2", "p0#3", "p0#4", "p0#5", "p0#6", "p1"]  # distinct uids
     # OREAL.md §4.1: [0,.2) 6x, [.2,.4) 4x, [.4,.6) 4x, [.6,.8) 2x, >= .8 dropped; half-open intervals
     assert list(counts.values()) == [6, 6, 4, 4, 4, 4, 2, 2, 0, 0] and len(out) == 32
     out[0].meta["x"] = 1

@@ -187,3 +187,15 @@ def test_engine_model_plain_forward_matches_hf_attention(engine, hf_dirs):
         ours, ref = engine.model(input_ids=ids, attention_mask=mask).logits, hf(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours[0, 2:], ref[0, 2:], atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=0)
+
+
+def test_update_weights_tied_embeddings_accept_lm_head(tmp_path):
+    # A tied model has one tensor; weight sync may name it either way (HF export keeps lm_head).
+    make_tiny_qwen2(tmp_path / "t", vocab_size=VOCAB, hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, tie=True)
+    engine = CPUEngine(tmp_path / "t")
+    new = torch.randn(VOCAB, 32)
+    engine.update_weights([("lm_head.weight", new)])
+    assert torch.equal(engine.model.get_input_embeddings().weight, new)
+    assert torch.equal(engine.model.get_output_embeddings().weight, new)
+    engine.update_weights([("model.embed_tokens.weight", new.to(torch.bfloat16))])  # cast to the engine dtype
+    assert torch.equal(engine.model.lm_head.weight, new.to(torch.bfloat16).float())
