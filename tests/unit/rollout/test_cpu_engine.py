@@ -87,6 +87,8 @@ def test_sampling_is_seeded_per_row_and_independent_of_batching(hf_dirs, engine)
     small = CPUEngine(hf_dirs[0], max_batch_rows=4)  # one prompt (4 rows) per chunk
     assert small.generate(prompts, sp) == a
     assert engine.generate(prompts[:1], sp) == a[:1]  # prompt 0 alone = prompt 0 in the batch
+    fewer = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=11))
+    assert [outs for outs in fewer] == [outs[:2] for outs in a]  # sample j's stream does not depend on n
 
 
 def test_max_new_tokens_and_total_length_budget(engine):
