@@ -46,7 +46,7 @@ class SyncMetrics:
 
     def summary(self) -> str:
         text = (
-            f"weight sync: {self.bytes / 1e9:.3f} GB in {self.tensors} tensors / {self.buckets} buckets, "
+            f"weight sync: {self.bytes / 1e6:.1f} MB in {self.tensors} tensors / {self.buckets} buckets, "
             f"{self.seconds:.3f} s ({self.gb_per_s:.2f} GB/s; source {self.source_seconds:.3f} s, "
             f"quantize {self.quantize_seconds:.3f} s, send {self.send_seconds:.3f} s)"
         )
