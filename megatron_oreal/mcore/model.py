@@ -96,6 +96,9 @@ def build_token_rm(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "
     """Token-level RM: the policy backbone (untied, so the embedding stays a plain embedding) with a
     zero-initialised ScoreHead. `model(input_ids, position_ids, mask)` returns scores [B, S, 1]."""
     model = build_policy(hf_config, layout, dtype=dtype, fp8=fp8, use_te=use_te, tie=False, **overrides)
+    if model.config.sequence_parallel:
+        raise ValueError("token RM: sequence_parallel shards the final hidden states along the sequence; "
+                         "the replicated score head needs them whole (leave sequence_parallel off)")
     if model.post_process:
         model.output_layer = ScoreHead(model.config.hidden_size, model.config.params_dtype)
         if torch.cuda.is_available():
@@ -127,9 +130,13 @@ class ReferenceWeights:
             raise ValueError("ReferenceWeights: the model's parameters differ from the snapshot's "
                              f"({len(params)} vs {len(self._names)} names)")
         for n, p in params.items():
-            if p.shape != self._ref[n].shape or p.dtype != self._ref[n].dtype:
-                raise ValueError(f"ReferenceWeights: parameter {n} is {tuple(p.shape)} {p.dtype}, "
-                                 f"snapshot has {tuple(self._ref[n].shape)} {self._ref[n].dtype}")
+            if p.shape != self._ref[n].shape:
+                raise ValueError(f"ReferenceWeights: parameter {n} is {tuple(p.shape)}, "
+                                 f"snapshot has {tuple(self._ref[n].shape)}")
+            if self._stash[n].dtype != p.dtype:
+                # The live dtype changed after the snapshot (e.g. Float16Module casts the fp32 norms
+                # to bf16 when wrapping): the snapshot is cast on copy, the stash must match exactly.
+                self._stash[n] = torch.empty(p.shape, dtype=p.dtype, pin_memory=torch.cuda.is_available())
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -142,7 +149,7 @@ class ReferenceWeights:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             for n, p in params.items():
-                p.data.copy_(self._ref[n], non_blocking=True)
+                p.data.copy_(self._ref[n], non_blocking=True)  # casts if the live dtype differs
         model.eval()
         try:
             with torch.no_grad():

@@ -1,10 +1,11 @@
 """torchrun worker for tests/parallel/test_mcore_parallel.py (one launch checks many things).
 
-    ref     (1 proc):  TP=1 loss + HF-layout gradients (tied and untied), TP=1 token-RM scores,
+    ref     (1 proc):  TP=1 loss + HF-layout gradients (tied and untied), TP=1 token-RM scores + ckpt,
                        a TP=1 checkpoint after one SGD step and its HF export.
     layouts (4 procs): TP2xPP2, TP2 (DP2), PP2 (DP2): same loss and gathered gradients as TP=1
                        (relative 1e-5); TP=1 checkpoint loads at TP2xPP2 (bit-exact export);
-                       TP2xPP2 checkpoint + export written; TP=2 token-RM scores on every TP rank.
+                       TP2xPP2 checkpoint + export written; the TP=1 token-RM checkpoint loads at
+                       TP=2 and gives the TP=1 scores on every TP rank.
     reload  (1 proc):  the TP2xPP2 checkpoint loads at TP=1 with a bit-identical export.
 Prints `CHECK <name> <value>` lines on rank 0; any mismatch raises (non-zero exit).
 """
@@ -73,12 +74,21 @@ def build(hf_dir, layout, *, rm=False):
     return model
 
 
-def rm_scores(hf_dir, layout):
+def rm_scores(hf_dir, layout, ckpt=None, save=None):
+    """Token-RM scores with a fixed non-zero head; `ckpt`: load the RM from a dist checkpoint instead."""
+    from megatron_oreal.checkpoint.dist import load_model_dist, save_model_dist
     from megatron_oreal.mcore.model import forward_logits
 
     rm = build(hf_dir, layout, rm=True)
     with torch.no_grad():
-        rm.output_layer.weight.copy_(torch.randn(rm.output_layer.weight.shape, generator=torch.Generator().manual_seed(9)))
+        if ckpt:
+            load_model_dist(rm, ckpt)
+        else:
+            rm.output_layer.weight.copy_(torch.randn(rm.output_layer.weight.shape,
+                                                     generator=torch.Generator().manual_seed(9)))
+    if save:
+        save_model_dist(rm, save)
+    with torch.no_grad():
         return forward_logits(rm, _data(250)[0][0])
 
 
@@ -135,7 +145,7 @@ def main(mode, work):
                 sgd_step(model)
                 save_model_dist(model, os.path.join(work, "ckpt_tp1"))
                 export_hf(model, layout, os.path.join(work, "hf_from_tp1"), load_hf_config(hf[tie]), log=None)
-        ref["rm"] = rm_scores(hf[True], layout)
+        ref["rm"] = rm_scores(hf[True], layout, save=os.path.join(work, "ckpt_rm_tp1"))
         torch.save(ref, os.path.join(work, "ref.pt"))
         print(f"CHECK ref losses {ref[False][0]:.6f} {ref[True][0]:.6f}", flush=True)
         destroy_parallel()
@@ -159,7 +169,7 @@ def main(mode, work):
                         check_equal_hf(os.path.join(work, "hf_from_tp1"), os.path.join(work, "hf_tp1_at_tp2pp2"),
                                        "ckpt_tp1_loaded_at_tp2pp2")
             if (tp, pp) == (2, 1):
-                scores = rm_scores(hf[True], layout)
+                scores = rm_scores(hf[True], layout, ckpt=os.path.join(work, "ckpt_rm_tp1"))
                 diff = (scores - ref["rm"]).abs().max().item() / ref["rm"].abs().max().item()
                 assert scores.shape == (MB, S, 1) and diff <= 1e-5, f"token RM at TP=2: rel diff {diff}"
                 print(f"CHECK rm_tp2 rank{layout.rank} diff={diff:.1e}", flush=True)

@@ -151,6 +151,13 @@ def test_reference_weights_give_initial_logprobs_and_restore_policy_exactly(tmp_
         assert torch.equal(p, after[n]) and p.data_ptr() == ptrs[n] and torch.equal(p.grad, grads[n]), n
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in policy.parameters()}
     assert ref.nbytes == sum(p.numel() * 4 for p in policy.parameters())
+    # A wrapper that casts the live weights after the snapshot (Float16Module): cast on copy.
+    with torch.no_grad():
+        policy.decoder.final_layernorm.weight.data = policy.decoder.final_layernorm.weight.data.bfloat16()
+    with ref.swapped_in(policy):
+        assert torch.equal(policy.decoder.final_layernorm.weight.float(),
+                           ref._ref["decoder.final_layernorm.weight"].bfloat16().float())
+    assert torch.equal(policy.decoder.final_layernorm.weight, after["decoder.final_layernorm.weight"].bfloat16())
 
 
 def test_mask_padded_vocab_and_padding_rule(layout):
