@@ -391,6 +391,7 @@ def test_real_sglang_engine_on_gpu(tmp_path):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
     if len(sys.argv) == 6 and sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "decode")
     else:

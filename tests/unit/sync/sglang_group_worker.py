@@ -55,4 +55,5 @@ def main(port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
     main(int(sys.argv[1]), sys.argv[2])
