@@ -117,6 +117,24 @@ def check_equal_hf(a, b, what):
     print(f"CHECK {what} bit-identical {len(x)} tensors", flush=True)
 
 
+def check_gather_all_replicas(model, layout, hf_dir):
+    """replicas="all": the first rank of every DP replica gets the full HF tensors (= the source)."""
+    from megatron_oreal.checkpoint.gather import iter_hf_tensors
+
+    src = read_hf(hf_dir)
+    got, nb = {}, 0
+    for bucket in iter_hf_tensors(model, layout, bucket_bytes=100_000, replicas="all"):
+        nb += 1
+        got.update(bucket)
+    assert sorted(got) == sorted(src), "gathered names differ from the HF checkpoint"
+    if layout.tp_rank == 0 and layout.pp_rank == 0:
+        bad = [k for k in src if not torch.equal(got[k], src[k])]
+        assert not bad, f"rank {layout.rank}: gathered tensors differ: {bad}"
+        print(f"CHECK gather_all rank{layout.rank} dp{layout.dp_rank} {len(got)} tensors {nb} buckets", flush=True)
+    else:
+        assert all(v is None for v in got.values()), "non-destination ranks must get (name, None)"
+
+
 def compare(name, loss, grads, ref):
     rloss, rgrads = ref
     rel = abs(loss - rloss) / abs(rloss)
@@ -169,6 +187,7 @@ def main(mode, work):
                         check_equal_hf(os.path.join(work, "hf_from_tp1"), os.path.join(work, "hf_tp1_at_tp2pp2"),
                                        "ckpt_tp1_loaded_at_tp2pp2")
             if (tp, pp) == (2, 1):
+                check_gather_all_replicas(build(hf[False], layout), layout, hf[False])
                 scores = rm_scores(hf[True], layout, ckpt=os.path.join(work, "ckpt_rm_tp1"))
                 diff = (scores - ref["rm"]).abs().max().item() / ref["rm"].abs().max().item()
                 assert scores.shape == (MB, S, 1) and diff <= 1e-5, f"token RM at TP=2: rel diff {diff}"

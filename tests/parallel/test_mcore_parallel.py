@@ -28,6 +28,7 @@ def test_layouts_match_tp1_and_checkpoints_reshard(tmp_path):
         for tie in (0, 1):
             assert f"CHECK {name}_tie{tie} loss=" in out, out
     assert "CHECK ckpt_tp1_loaded_at_tp2pp2 bit-identical" in out
+    assert out.count("CHECK gather_all rank") == 2  # the first rank of each of the 2 DP replicas
     assert out.count("CHECK rm_tp2 rank") == 4  # every rank (2 TP ranks x 2 DP replicas) has the full score
     out = run_torchrun(WORKER, 1, ["reload", tmp_path], timeout=300)
     assert "CHECK ckpt_tp2pp2_loaded_at_tp1 bit-identical" in out
