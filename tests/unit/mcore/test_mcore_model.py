@@ -187,6 +187,13 @@ def test_bad_inputs_give_clear_errors(tmp_path, layout):
         arch_spec(cfg, tp=4)
     with pytest.raises(ValueError, match="attention_bias=true .o_proj bias. is not supported"):
         arch_spec({**cfg, "architectures": ["LlamaForCausalLM"], "attention_bias": True})
+    from megatron_oreal.mcore.hf_config import transformer_config_from_hf
+
+    with pytest.raises(ValueError, match="fp8 must be '', 'blockwise' or 'tensorwise'"):
+        transformer_config_from_hf(cfg, layout, dtype="bf16", fp8="delayed")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs Transformer Engine and a CUDA GPU"):
+            transformer_config_from_hf(cfg, layout, dtype="bf16", fp8="blockwise")
     with pytest.raises(ValueError, match="not divisible by pipeline size"):
         build_policy({**cfg, "num_hidden_layers": 3}, type(layout)(**{**layout.__dict__, "pp": 2}))
     state = load_file(tmp_path / "ok" / "model.safetensors")
