@@ -4,13 +4,18 @@ A signal handler here only records that a stop was asked for; the training loop 
 `handler.should_stop()` between stages (never inside a collective), so every rank stops at the same
 step boundary, saves a consistent checkpoint and exits with `EXIT_PREEMPTED`.
 
-Where the signals come from (measured on Slurm 22.05, see tests/slurm/):
+Where the requests come from (measured on Slurm 22.05, see tests/slurm/):
   * `#SBATCH --signal=B:USR1@300`: USR1 to the batch shell ~5 min (up to a minute early) before
-    the time limit; examples/slurm/common.sh forwards it to the `srun` step, which gives it to every
-    task (and to the tasks' children: worker pools should call `ignore_preemption_signals()`).
+    the time limit; examples/slurm/common.sh turns it into the file $OREAL_PREEMPT_FILE, which
+    `requested` checks (only rank 0 has to see it: `should_stop()` ORs over ranks).
+  * USR1 sent to the tasks directly (`scancel --signal=USR1 <job>`, `--signal=USR1@N` without B:):
+    Slurm delivers it to every process of the task, children included, so worker processes should
+    call `ignore_preemption_signals()`.
   * preemption with a GraceTime, `scancel`, and the time limit itself: SIGTERM to the tasks,
     then SIGKILL after KillWait.
-  * torchrun forwards SIGTERM/SIGUSR1 it receives to its workers.
+  * under torchrun, torchrun itself catches SIGTERM and passes it to the workers, killing them
+    ~30 s later (torch/distributed/elastic/multiprocessing/api.py); a USR1 would kill torchrun
+    (it handles only TERM/INT/HUP/QUIT), which is one more reason for the flag file.
 
 Requeue. A job that ends by itself during a preemption grace period ends COMPLETED and Slurm
 does not requeue it, so the trainer requeues itself: after the checkpoint is complete on every rank
@@ -41,6 +46,13 @@ EXIT_PREEMPTED = 75
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+# A file whose appearance also asks for a stop (examples/slurm/common.sh sets it). The batch shell's
+# USR1 warning is turned into this file rather than forwarded as a signal, because Slurm signals
+# every process of a task: spawned/forkserver children (the verifier pool, Megatron's checkpoint
+# writers) would die of the default USR1 action. Measured: a 2-rank tiny run whose USR1 was
+# forwarded to the tasks lost such children and deadlocked in the next checkpoint.
+PREEMPT_FILE_ENV = "OREAL_PREEMPT_FILE"
+
 
 class PreemptionHandler:
     """Records the first preemption signal; the loop polls `requested` / `should_stop()` between stages.
@@ -55,8 +67,10 @@ class PreemptionHandler:
                     return finish_preemption(rank == 0, torch.distributed.barrier)
     """
 
-    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS):
+    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, flag_file: str | None = None):
         self.signals = tuple(signal.Signals(s) for s in signals)
+        # None: take it from $OREAL_PREEMPT_FILE; "" : no file.
+        self.flag_file = os.environ.get(PREEMPT_FILE_ENV, "") if flag_file is None else flag_file
         self.signal_name: str | None = None  # name of the first signal received, e.g. "SIGUSR1"
         self.received_at: float | None = None  # time.monotonic() of the first signal
         self.count = 0  # signals received so far (a second one changes nothing: we still finish the stage)
@@ -64,6 +78,14 @@ class PreemptionHandler:
 
     @property
     def requested(self) -> bool:
+        if self.signal_name is None and self.flag_file and os.path.exists(self.flag_file):
+            try:
+                text = open(self.flag_file).read().strip()
+            except OSError:
+                text = ""
+            self.signal_name = text or "SIGUSR1"
+            self.received_at = time.monotonic()
+            _log(f"stop requested ({self.signal_name} via {self.flag_file}): stopping after this stage")
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
@@ -81,7 +103,16 @@ class PreemptionHandler:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def uninstall(self) -> None:
+    def uninstall(self, keep_if_requested: bool = True) -> None:
+        """Restore the previous handlers, except while a stop is under way.
+
+        After a stop was requested the process is saving and exiting, and `scontrol requeue` sends
+        it SIGTERM on purpose: with the default action restored, that SIGTERM would kill the
+        teardown and turn the documented exit 75 into 143 (seen with the real trainer on Slurm).
+        Slurm's SIGKILL after KillWait still ends a process that hangs.
+        """
+        if keep_if_requested and self.requested:
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

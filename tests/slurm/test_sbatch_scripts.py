@@ -47,8 +47,9 @@ def test_gpu_scripts_one_task_per_gpu(name):
     assert "nccl.sh" in text and "torchrun" not in text.split("#SBATCH")[-1]
 
 
-def test_common_sh_forwards_only_to_its_own_srun():
+def test_common_sh_turns_usr1_into_the_flag_file():
     text = (SLURM_DIR / "common.sh").read_text()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
     assert "20000 + SLURM_JOB_ID % 20000" in text  # == launch.env.slurm_port
-    assert re.search(r"kill -USR1 \$pid", text) and not re.search(r"\b(pkill|killall)\b", text)
+    assert "OREAL_PREEMPT_FILE" in text and "SLURM_RESTART_COUNT" in text  # one flag file per run
+    assert not re.search(r"\b(pkill|killall)\b", text)

@@ -95,7 +95,8 @@ def test_tiny_sbatch_two_ranks_allreduce(slurm_cluster, jobs, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, jobs, tmp_path):
-    """USR1 to the batch shell -> forwarded to the ranks -> save, exit 75, self-requeue -> resume -> finish."""
+    """USR1 to the batch shell -> flag file -> ranks stop at a step boundary, save, exit 75, self-requeue
+    -> the requeued run resumes from the saved step and finishes."""
     t0 = time.monotonic()
     steps = 6
     job = _submit(jobs, tmp_path, [*STANDIN, "--state-dir", str(tmp_path), "--steps", str(steps), "--step-seconds", "1"])
@@ -118,8 +119,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, jobs, tmp_path):
     assert second["stop_step"] == steps and second["signal"] is None
     assert state["total"] == steps * (1 + 2)  # every step counted exactly once across the two runs
     # The log (appended across restarts) shows the forwarding, the requeue, the exit code and the rerun.
-    assert "batch shell got USR1: forwarding to srun" in text
-    assert text.count("received SIGUSR1") == 2  # both ranks
+    assert "batch shell got USR1: asking the ranks to stop via" in text
+    assert text.count("stop requested (SIGUSR1 via") == 2  # both ranks saw the flag file
+    assert "received SIGUSR1" not in text  # no signal reached the tasks (or their children)
     assert "requeued Slurm job" in text
     assert f"exit {EXIT_PREEMPTED}" in text or f"exit code {EXIT_PREEMPTED}" in text
     assert "restart 1:" in text and "step exited with status 0" in text

@@ -52,7 +52,7 @@ def test_sigterm_mid_stage_finishes_stage_saves_exits_then_resumes(tmp_path):
     assert state["step"] == 4 and len(state["stages"]) == 4 and state["signal"] is None
 
 
-def test_handler_records_first_signal_and_restores_previous_handlers():
+def test_handler_records_first_signal_and_keeps_handlers_while_stopping():
     before = signal.getsignal(signal.SIGUSR1)
     with PreemptionHandler() as h:
         assert not h.requested and h.signal_name is None
@@ -60,7 +60,13 @@ def test_handler_records_first_signal_and_restores_previous_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert h.requested and h.signal_name == "SIGUSR1" and h.count == 2
         assert h.should_stop()  # no process group: the local flag
+    # A stop is under way: a late SIGTERM (e.g. from `scontrol requeue`) must not kill the exit.
+    assert signal.getsignal(signal.SIGTERM) == h._handle
+    h.uninstall(keep_if_requested=False)
     assert signal.getsignal(signal.SIGUSR1) is before
+    with PreemptionHandler():
+        pass
+    assert signal.getsignal(signal.SIGUSR1) is before  # nothing requested: restored on exit
 
 
 def test_install_outside_main_thread_is_an_error():
@@ -111,3 +117,14 @@ def test_ranks_agree_to_stop_at_the_same_step():
         {"rank": 0, "stop_step": 2, "requested": False, "signal": None, "code": EXIT_PREEMPTED},
         {"rank": 1, "stop_step": 2, "requested": True, "signal": "SIGUSR1", "code": EXIT_PREEMPTED},
     ]
+
+
+def test_flag_file_requests_a_stop_without_a_signal(tmp_path, monkeypatch):
+    flag = tmp_path / "oreal-preempt-7.0"
+    monkeypatch.setenv("OREAL_PREEMPT_FILE", str(flag))
+    with PreemptionHandler() as h:  # the path comes from the environment, as common.sh sets it
+        assert h.flag_file == str(flag) and not h.requested
+        flag.write_text("SIGUSR1\n")
+        assert h.requested and h.signal_name == "SIGUSR1" and h.count == 0
+    h.uninstall(keep_if_requested=False)  # give pytest its own handlers back
+    assert not PreemptionHandler(flag_file="").requested  # "" turns the file off
