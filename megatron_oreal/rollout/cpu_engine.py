@@ -240,29 +240,9 @@ class CPUEngine:
         max_new = int(budgets.max())
         if max_new == 0:
             return outputs
-        width = int(lens.max())
-        pad = width - lens  # left padding per prompt
-        ids = torch.zeros(num, width, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, pad[r] :] = torch.tensor(p, dtype=torch.long)
-        valid = torch.arange(width)[None, :] >= pad[:, None]  # [P, W] real (non-pad) positions
-        neg = torch.finfo(self.model.dtype).min
-        # Prefill mask: causal over real keys; a pad query sees only itself (keeps its row finite).
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-        mask = torch.zeros(num, 1, width, width, dtype=self.model.dtype).masked_fill_(~allowed[:, None], neg)
-        positions = (torch.arange(width)[None, :] - pad[:, None]).clamp_(min=0)
-        cache = DynamicCache()
-        cache.layers = [_PreallocLayer(width + max_new) for _ in range(self.model.config.num_hidden_layers)]
-        logits = self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        # n samples per prompt share the prefill
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
+        cache, logits, key_mask = self._prefill(prompts, n, max_new)
         rows = torch.arange(num * n)  # global row id = prompt * n + sample, for the live rows
-        key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
-        key_mask[:, 0, 0, :width].masked_fill_(~valid, neg)
-        key_mask = key_mask.repeat_interleave(n, dim=0)
+        width = max(len(p) for p in prompts)
         next_pos = lens.repeat_interleave(n)
         uniforms = self._uniforms(num, n, first_index, max_new, sp)
         stops = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long)
@@ -306,6 +286,34 @@ class CPUEngine:
             if sp.return_logprobs:
                 out.logprobs = logps[g]
         return outputs
+
+    def _prefill(self, prompts: list[list[int]], n: int, max_new: int):
+        """Left-padded prefill of the distinct prompts, then the cache repeated n times.
+
+        Returns (cache, last-position logits [P*n, V], additive key mask [P*n, 1, 1, W+max_new]).
+        """
+        num = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts])
+        width = int(lens.max())
+        pad = width - lens  # left padding per prompt
+        ids = torch.zeros(num, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, pad[r] :] = torch.tensor(p, dtype=torch.long)
+        valid = torch.arange(width)[None, :] >= pad[:, None]  # [P, W] real (non-pad) positions
+        neg = torch.finfo(self.model.dtype).min
+        # causal over real keys; a pad query sees only itself (keeps its row finite, never read)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
+        mask = torch.zeros(num, 1, width, width, dtype=self.model.dtype).masked_fill_(~allowed[:, None], neg)
+        positions = (torch.arange(width)[None, :] - pad[:, None]).clamp_(min=0)
+        cache = DynamicCache()
+        cache.layers = [_PreallocLayer(width + max_new) for _ in range(self.model.config.num_hidden_layers)]
+        logits = self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
+        key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
+        key_mask[:, 0, 0, :width].masked_fill_(~valid, neg)
+        return cache, logits.repeat_interleave(n, dim=0), key_mask.repeat_interleave(n, dim=0)
 
     def _uniforms(self, num: int, n: int, first_index: int, steps: int, sp: SamplingParams) -> torch.Tensor:
         """[num*n, steps] uniforms in [0, 1), one independent stream per (seed, prompt, sample)."""
