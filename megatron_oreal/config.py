@@ -30,6 +30,7 @@ class DataConfig:
     answer_key: str = "gold_answer"  # also tried: answer
     prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
+    prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or a format string with {prompt}
     prompt_format: str = "chat"  # "chat" = the tokenizer's chat template; else a format string with {prompt}
     difficulty_balance: bool = False  # repeat prompts by offline pass_rate (OREAL.md §4.1)
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
@@ -294,6 +295,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("rollout.sampling.n: RLOO needs at least 2 samples per prompt")
     if not 0.0 < cfg.rollout.sampling.top_p <= 1.0:
         raise ConfigError(f"rollout.sampling.top_p: must be in (0, 1], got {cfg.rollout.sampling.top_p}")
+    for name, optim in (("policy.optim", cfg.policy.optim), ("token_rm.optim", cfg.token_rm.optim)):
+        if optim.warmup_steps >= cfg.steps:
+            raise ConfigError(f"{name}.warmup_steps ({optim.warmup_steps}) must be smaller than steps ({cfg.steps})")
     if cfg.algo.token_weighting != "none" and not cfg.token_rm.enabled:
         raise ConfigError("algo.token_weighting needs token_rm.enabled=true (or set it to 'none')")
     return cfg

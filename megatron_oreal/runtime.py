@@ -81,7 +81,7 @@ class Run:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
         # Data first: a bad prompt file should fail before minutes of model building.
-        self.prompts = PromptStream(cfg.data, self.tokenizer, dp_rank=layout.dp_rank, dp_size=layout.dp)
+        self.prompts = PromptStream.from_config(cfg.data, self.tokenizer, dp_rank=layout.dp_rank, dp_size=layout.dp)
         self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
 
         t0 = time.time()
@@ -140,7 +140,6 @@ class Run:
             for _ in source:  # take part in the collectives; the tensors land on the engine rank
                 pass
             return {}
-        self.engine.resume_memory()
         transport = SGLangIPCTransport(self.engine) if cfg.engine == "sglang" else InProcessTransport(self.engine)
         flat = ((name, t) for bucket in source for name, t in bucket)
         check = cfg.check_weights_after_first_sync and not self.synced_once

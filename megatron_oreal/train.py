@@ -17,7 +17,10 @@ from typing import Callable
 import torch
 
 from megatron_oreal.algo.selection import build_train_batch
+from megatron_oreal.checkpoint.resume import CheckpointError
 from megatron_oreal.config import ConfigError, RunConfig, load_config
+from megatron_oreal.data.prompts import DataError
+from megatron_oreal.data.templates import TemplateError
 from megatron_oreal.launch.signals import PreemptionHandler, finish_preemption
 from megatron_oreal.runtime import Run, RunError, log
 from megatron_oreal.stages import rollout_and_score
@@ -43,7 +46,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         for step in range(start, end):
             t0 = time.perf_counter()
             with r.timer.stage("rollout"):
-                groups = rollout_and_score(r.engine, r.prompts.next_batch(), r.sampling(step), r.tokenizer, r.verifier, r.comm)
+                groups = rollout_and_score(r.engine, next(r.prompts), r.sampling(step), r.tokenizer, r.verifier, r.comm)
             with r.timer.stage("selection"):
                 batch = build_train_batch(groups, cfg.algo.advantage, cfg.algo.selection, cfg.seed, step)
             r.release_engine()
@@ -52,13 +55,13 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
             with r.timer.stage("weight_sync"):
                 metrics.update(r.sync_weights())
             r.state.step = step + 1
-            r.state.wall_seconds += time.perf_counter() - t0
             metrics = steplog.record(step, groups, batch, metrics)
             if on_step is not None:
                 on_step(step, metrics)
             done = step + 1 == end
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0) or done:
                 r.evaluate(step + 1)
+            r.state.wall_seconds += time.perf_counter() - t0  # the step, its eval and its log
             stop = preemption.should_stop()  # collective: every rank stops at the same step
             if stop or done or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 r.save(step + 1)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg, max_steps=args.max_steps)
-    except (RunError, ConfigError) as exc:
+    except (RunError, ConfigError, DataError, TemplateError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     log(json.dumps(summary, indent=2))

@@ -64,11 +64,24 @@ def model_and_optimizer_reader(ddp_model, optimizer) -> Callable[[Path], None]:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ValueError(f"model state: missing {missing}, unexpected {list(unexpected)}")
+        if not _is_distributed(optimizer):
+            _fill_zero_step(loaded["optimizer"])
         with torch.no_grad():  # fp32 params: in-place copies into leaf views (Megatron 0.16.1 workaround)
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
 
     return read
+
+
+def _fill_zero_step(loaded) -> None:
+    """Megatron 0.16.1 saves the shared Adam step as `common_step` only `if step:` (optimizer.py:1033),
+    so an optimizer that never stepped (the actor while frozen) saves no step at all and torch's
+    Adam then fails to load (KeyError 'step'). Its step is 0: put that back."""
+    for sd in loaded if isinstance(loaded, list) else [loaded]:
+        if "common_step" not in sd["state"]:
+            for st in sd["state"].values():
+                if isinstance(st, dict):
+                    st.setdefault("step", torch.tensor(0.0))
 
 
 def _restore_adam_step(optimizer, loaded: dict) -> None:

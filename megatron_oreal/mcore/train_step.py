@@ -109,6 +109,7 @@ class OrealTrainer:
         self.policy_optim_cfg, self.rm_optim_cfg = policy_optim_cfg, rm_optim_cfg
         self.vocab_size = unwrap(policy).arch.vocab_size
         self.reference = reference
+        self.last_token_weights: list = []  # (TrainSequence, ω per token) of the last update, for the HTML page
         self.policy = optim.wrap_ddp(policy, distributed_optimizer=distributed_optimizer)
         if reference is not None:
             _match_reference_dtypes(reference, self.policy)
@@ -171,6 +172,7 @@ class OrealTrainer:
             metrics.update(rm_metrics)
         else:
             weights = {}
+        self.last_token_weights = _per_sequence_weights(batch, mbs, weights)
         ref = self._ref_pass(mbs) if self.algo.kl_coef != 0.0 and self.reference is not None else {}
 
         train_actor = step >= self.algo.actor_freeze_steps
@@ -208,6 +210,22 @@ class OrealTrainer:
             "micro_batches": len(mbs),
         })
         return metrics
+
+
+def _per_sequence_weights(batch: TrainBatch, mbs: list[MicroBatch], weights: dict) -> list:
+    """(TrainSequence, ω per response token) for this rank's sequences (last PP stage only): ω⁺ for
+    positives, ω⁻ for negatives. For the token-weight HTML page; empty without a token RM."""
+    out = []
+    for idx, mb in enumerate(mbs):
+        if idx not in weights:
+            continue
+        w_pos, w_neg = weights[idx]
+        cu = mb.resp_cu_seqlens.tolist()
+        for j, seq in enumerate(mb.seq_indices):
+            s = batch.sequences[seq]
+            w = (w_pos if s.is_positive else w_neg)[cu[j]:cu[j + 1]]
+            out.append((s, w.detach().float().cpu().tolist()))
+    return out
 
 
 def compute_logprobs(model, batch: TrainBatch, layout, *, micro_batch_tokens: int = 16384) -> list[Tensor]:
