@@ -16,6 +16,16 @@ from megatron_oreal.rollout.engine import SamplingParams
 VOCAB = 48
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
+    # it makes every op wait for a descheduled peer (10x slower, measured).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpu_engine")
@@ -27,7 +37,7 @@ def hf_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(hf_dirs):
-    return CPUEngine(hf_dirs[0])
+    return CPUEngine(hf_dirs[0], threads=1)  # tiny tensors: a 2nd thread only adds sync cost
 
 
 def _prompts(count, seed=3, lo=3, hi=11):
@@ -84,7 +94,7 @@ def test_sampling_is_seeded_per_row_and_independent_of_batching(hf_dirs, engine)
     assert all(len(outs) == 4 for outs in a)
     assert all(len({tuple(o.token_ids) for o in outs}) > 1 for outs in a)  # n samples differ
     assert engine.generate(prompts, sp.with_seed(12)) != a
-    small = CPUEngine(hf_dirs[0], max_batch_rows=4)  # one prompt (4 rows) per chunk
+    small = CPUEngine(hf_dirs[0], max_batch_rows=4, threads=1)  # one prompt (4 rows) per chunk
     assert small.generate(prompts, sp) == a
     assert engine.generate(prompts[:1], sp) == a[:1]  # prompt 0 alone = prompt 0 in the batch
     fewer = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=11))
@@ -146,8 +156,8 @@ def test_first_token_frequencies_follow_the_filtered_distribution(engine):
 
 def test_update_weights_equals_loading_the_new_weights(hf_dirs):
     a_dir, b_dir = hf_dirs
-    engine = CPUEngine(a_dir)
-    fresh_b = CPUEngine(b_dir)
+    engine = CPUEngine(a_dir, threads=1)
+    fresh_b = CPUEngine(b_dir, threads=1)
     prompts = _prompts(4, seed=9)
     sp = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=2, stop_token_ids=(2,))
     before = engine.generate(prompts, sp)
