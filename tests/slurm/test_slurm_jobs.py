@@ -1,14 +1,17 @@
 """Jobs on a real local Slurm (see conftest.py): the tiny-run sbatch script, preemption and requeue.
 
-The job script under test is the real examples/slurm/tiny_cpu.sbatch. Until the trainer exists it
-runs tests/slurm/standin_train.py through OREAL_TRAIN_CMD (the same launch path: srun, dist_env,
-gloo, PreemptionHandler, finish_preemption); STANDIN below is the one switch to flip.
+The job script under test is always the real examples/slurm/tiny_cpu.sbatch. The first tests run
+tests/slurm/standin_train.py through OREAL_TRAIN_CMD (same launch path: srun, dist_env, gloo,
+PreemptionHandler, finish_preemption) to check the rendezvous and the step accounting exactly and
+quickly; the last one runs the real trainer (the script's own `python -m megatron_oreal train`)
+on a tiny model through a preemption, a self-requeue and a resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "slurm" / "tiny_cpu.sbatch"
-STANDIN = [sys.executable, "tests/slurm/standin_train.py"]  # switch: the trainer command, once it lands
+STANDIN = [sys.executable, "tests/slurm/standin_train.py"]
 
 
 @pytest.fixture
@@ -162,24 +165,62 @@ def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
 
 
-TINY_CONFIG = REPO / "examples" / "tiny" / "oreal.yaml"
+
+def _tiny_assets(root: Path) -> Path:
+    """A tiny random model, arithmetic prompts and a 5-step config (the e2e tests' recipe, smaller eval)."""
+    from megatron_oreal.data import arith
+    from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
+
+    hf = make_random_tiny_model(root / "hf", seed=0, size=TinySize(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128))
+    arith.write_prompts_jsonl(root / "train.jsonl", arith.make_problems(40, seed=0, split="train"))
+    arith.write_prompts_jsonl(root / "eval.jsonl", arith.make_problems(4, seed=0, split="heldout"))
+    cfg = root / "run.yaml"
+    cfg.write_text(f"""
+steps: 5
+seed: 0
+data: {{train_file: {root / 'train.jsonl'}, eval_file: {root / 'eval.jsonl'}, prompts_per_step: 4, system_prompt: none}}
+rollout:
+  sampling: {{n: 4, max_new_tokens: 12, max_total_length: 64, top_p: 1.0}}
+algo: {{selection: all, actor_freeze_steps: 1}}
+policy: {{hf_path: {hf}, dtype: fp32, micro_batch_tokens: 256, optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
+token_rm: {{optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
+checkpoint: {{every: 1, keep: 2}}
+eval: {{every: 0, max_new_tokens: 12, keep_best: false}}
+log: {{html_every: 0}}
+reward: {{workers: 1}}
+""")
+    return cfg
 
 
-@pytest.mark.skipif(not TINY_CONFIG.exists(), reason=f"the tiny run's config {TINY_CONFIG} does not exist yet")
-def test_real_tiny_trainer_two_ranks(slurm_cluster, jobs, tmp_path):
-    """The real command of tiny_cpu.sbatch (`python -m megatron_oreal train examples/tiny/oreal.yaml`), 2 steps."""
+def test_real_trainer_preempted_requeued_resumes(slurm_cluster, jobs, tmp_path):
+    """The real `python -m megatron_oreal train` through tiny_cpu.sbatch (2 ranks): USR1 after the first
+    checkpoint -> stop at a step boundary, checkpoint, exit 75, requeue -> resume from that step -> finish."""
+    t0 = time.monotonic()
+    cfg = _tiny_assets(tmp_path)
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("OREAL_TRAIN_CMD", None)
+    env.pop("OREAL_TRAIN_CMD", None)  # the script's own command
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "--export=ALL", str(SCRIPT),
-         str(TINY_CONFIG), f"run_dir={run_dir}", "steps=2"],
+         str(cfg), f"run_dir={run_dir}"],
         capture_output=True, text=True, env=env, timeout=60, check=True,
     )  # fmt: skip
     job = proc.stdout.strip().split(";")[0]
     jobs.append(job)
     log = tmp_path / f"oreal-tiny-{job}.out"
-    state = _wait("the tiny run to finish", lambda: _finished(job), 900, job, log)
-    assert state == "COMPLETED", f"job {job} ended {state}:\n{log.read_text()}"
-    assert (run_dir / "summary.json").exists(), log.read_text()
-    assert "2 task(s)" in log.read_text()
+    latest = run_dir / "checkpoints" / "latest"
+    _wait("the first checkpoint", latest.exists, 600, job, log)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+    info = _wait("the requeued run to finish", lambda: _finished(job) and _job(job), 900, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"job {job}: {info}\n{text}"
+    m = re.search(r"SIGUSR1 received: checkpoint written at step (\d+), exiting with code (\d+)", text)
+    assert m, text
+    stopped = int(m.group(1))
+    assert 1 <= stopped < 5 and int(m.group(2)) == EXIT_PREEMPTED
+    assert f"Exited with exit code {EXIT_PREEMPTED}" in text  # srun saw the documented code on the ranks
+    assert "requeued Slurm job" in text and "restart 1:" in text
+    assert re.search(rf"resumed from \S+step_{stopped:06d} at step {stopped}", text), text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 5 and latest.read_text().strip() == "step_000005"
+    print(f"real tiny trainer, preempted at step {stopped} and resumed: {time.monotonic() - t0:.1f} s")
