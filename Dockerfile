@@ -48,6 +48,7 @@ ARG FLASH_ATTN_VERSION=2.8.3
 ARG MCORE_VERSION=0.16.1
 ARG APEX_COMMIT=6424da3b4faa6c8f062da4a48c424fff3f02d42d
 ARG NINJA_VERSION=1.13.0
+ARG PYBIND11_VERSION=3.0.1
 ARG MAX_JOBS=16
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -74,7 +75,7 @@ RUN apt-get update \
 RUN pip uninstall -y torch torchvision torchaudio triton transformer-engine transformer-engine-torch \
         transformer-engine-cu12 transformer-engine-cu13 flash-attn apex torch-tensorrt \
  && pip install torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION} torchaudio==${TORCHAUDIO_VERSION} \
-        ninja==${NINJA_VERSION} \
+        ninja==${NINJA_VERSION} pybind11==${PYBIND11_VERSION} \
  && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '${TORCH_VERSION}', v; print('torch', v, 'CUDA', torch.version.cuda)" \
  && pip freeze | grep -iE '^(torch|torchvision|torchaudio|triton)==' > /opt/oreal-constraints.txt
 ENV PIP_CONSTRAINT=/opt/oreal-constraints.txt

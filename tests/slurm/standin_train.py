@@ -1,4 +1,4 @@
-"""Stand-in for `python -m megatron_oreal train` in the Slurm tests, until the trainer lands.
+"""Stand-in for `python -m megatron_oreal train` in the fast Slurm tests (exact, quick checks).
 
 It does what the trainer does at the launch level, with the real library pieces: rank and
 rendezvous from `launch.env.dist_env()`, a gloo process group, one all-reduce per "step", a
