@@ -56,7 +56,11 @@ def _worker_main(conn: Connection, stop_word: str | None) -> None:
     # A no-op when the forkserver preloaded it; warms this worker if the forkserver was started
     # earlier by someone else (then our preload list was never applied).
     import megatron_oreal.reward._forkserver_preload  # noqa: F401
+    from megatron_oreal.launch.signals import ignore_preemption_signals
 
+    # Slurm signals every process of a task: a worker must not die before the trainer has saved
+    # (it exits on EOF when the trainer goes, and the pool kills it with SIGKILL on a timeout).
+    ignore_preemption_signals()
     while True:
         try:
             msg = conn.recv()
