@@ -59,6 +59,9 @@ class RolloutConfig:
     fp8: bool = False  # block-quantise Linear weights for an FP8 SGLang engine
     max_restarts: int = 3
     check_weights_after_first_sync: bool = False
+    # Ask the engine for its per-token log-probs and log rollout/logprob_abs_diff_mean, _diff_max and
+    # _k3_kl against Megatron's (train_step.py); diagnostics only, the loss never uses them.
+    log_logprob_mismatch: bool = True
 
 
 @dataclass

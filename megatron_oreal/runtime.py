@@ -7,6 +7,7 @@ before training, resume + weight sync after), evaluation and run checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -155,6 +156,7 @@ class Run:
         from megatron_oreal.rollout.engine import SamplingParams
 
         params = SamplingParams.from_config(self.cfg.rollout.sampling, default_stop_ids=self.stop_ids)
+        params = dataclasses.replace(params, return_logprobs=self.cfg.rollout.log_logprob_mismatch)
         return params.with_seed(self.cfg.rollout.sampling.seed * 1_000_003 + step)
 
     # ------------------------------------------------------------------ evaluation

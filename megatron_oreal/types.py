@@ -26,6 +26,9 @@ class Sample:
     reward: float = 0.0  # +1 correct / -1 incorrect (OREAL.md §2.2)
     reason: str = ""  # the verifier's reason: correct / wrong / no_answer / truncated / timeout / error
     advantage: float = 0.0  # group-level advantage, computed over all K samples
+    # [R] sampler log-probs of response_ids (rollout.log_logprob_mismatch); diagnostics only, never
+    # in the loss (DESIGN.md decision 5). None when the engine was not asked for them.
+    rollout_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainSequence:
     response_ids: list[int]
     advantage: float
     is_positive: bool  # reward > 0: behaviour cloning term; else the negative policy-gradient term
+    rollout_logprobs: list[float] | None = None  # [R] from Sample: compared with Megatron's, not trained on
 
 
 @dataclass

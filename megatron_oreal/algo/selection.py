@@ -76,6 +76,7 @@ def build_train_batch(
                 response_ids=list(smp.response_ids),
                 advantage=smp.advantage,
                 is_positive=smp.reward > 0,
+                rollout_logprobs=None if smp.rollout_logprobs is None else list(smp.rollout_logprobs),
             )
         )
     return TrainBatch(sequences=seqs, step=step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,39 @@ def te_available() -> bool:
     return True
 
 
+# policy.fp8 -> megatron-core 0.16.1 TransformerConfig FP8 fields (transformer_config.py:429-495; the
+# recipe object is built by fp8_utils.py:536-590 get_fp8_recipe). Only the GEMMs of TE linear layers
+# (QKV, proj, fc1, fc2) run in FP8: the word embedding (VocabParallelEmbedding), the output layer
+# (tensor_parallel.ColumnParallelLinear, not a TE module in the TE spec) and the token RM's ScoreHead
+# (nn.Linear) are never FP8, attention (DPA) stays BF16, master weights stay BF16/FP32 (fp8_param off:
+# the weight sync exports BF16 and re-quantises, sync/fp8.py). first_last_layers_bf16 stays off: the
+# first/last *transformer blocks* go FP8 too, as in slime's and NeMo-RL's FP8 training recipes.
+#   blockwise  (Hopper default): DeepSeek-V3-style 1x128 activation / 128x128 weight blocks, E4M3 for
+#              every tensor, TE >= 2.3 Float8BlockScaling; FP32 (not power-of-2) block scales need
+#              NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 in the environment *before* TE is imported (TE
+#              reads it at class definition), the same scales the rollout quantiser writes.
+#   tensorwise: per-tensor current scaling (Float8CurrentScaling), "hybrid" = E4M3 forward, E5M2
+#              gradients (the wider range a single per-tensor scale needs for gradients).
+FP8_RECIPES: dict[str, dict] = {
+    "blockwise": dict(fp8="e4m3", fp8_recipe="blockwise"),
+    "tensorwise": dict(fp8="hybrid", fp8_recipe="tensorwise"),
+}
+FP8_COMMON = dict(fp8_param=False, fp8_dot_product_attention=False, fp8_multi_head_attention=False,
+                  first_last_layers_bf16=False)
+FP8_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
+
+
+def fp8_config_fields(fp8: str, dtype: str = "bf16") -> dict:
+    """The TransformerConfig fields for `policy.fp8` ("" -> {}); pure, so it is testable without TE."""
+    if not fp8:
+        return {}
+    if fp8 not in FP8_RECIPES:
+        raise ValueError(f"fp8 must be '', 'blockwise' or 'tensorwise', got {fp8!r}")
+    if dtype != "bf16":
+        raise ValueError("fp8 training needs dtype=bf16 (the non-FP8 ops run in bf16)")
+    return {**FP8_RECIPES[fp8], **FP8_COMMON}
+
+
 def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", **overrides):
     """TransformerConfig for a Qwen2/Llama HF config at `layout` (tp/pp must match parallel_state).
 
@@ -179,13 +213,12 @@ def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", 
         masked_softmax_fusion=False,
     )
     if fp8:
-        if fp8 not in ("blockwise", "tensorwise"):
-            raise ValueError(f"fp8 must be '', 'blockwise' or 'tensorwise', got {fp8!r}")
+        fields = fp8_config_fields(fp8, dtype)  # validates first: a bad name fails even without a GPU
         if not te_available():
             raise ValueError(f"fp8={fp8!r} needs Transformer Engine and a CUDA GPU")
-        if dtype != "bf16":
-            raise ValueError("fp8 training needs dtype=bf16 (the non-FP8 ops run in bf16)")
-        # transformer_config.py:429-444 (mcore 0.16.1): fp8 format + recipe; weights stay bf16 masters.
-        kwargs.update(fp8="e4m3", fp8_recipe=fp8, fp8_param=False)
+        if fp8 == "blockwise" and os.environ.get(FP8_SCALES_ENV) != "1":
+            warnings.warn(f"policy.fp8=blockwise without {FP8_SCALES_ENV}=1: Transformer Engine uses "
+                          "power-of-2 block scales, the rollout quantiser FP32 ones (set it before launch)")
+        kwargs.update(fields)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -42,6 +42,9 @@ POLICY_KEYS = ("loss/positive", "loss/negative", "loss/kl", "tokens/positive", "
                "tokens/w_pos_nonzero", "tokens/w_neg_nonzero", "sum/neg_logp", "sum/advantage_tokens",
                "sum/kl", "sum/logp_minus_ref")
 RM_KEYS = ("loss/token_rm", "sum/rm_correct", "sum/rm_logit")
+# Train/rollout log-prob mismatch (rollout.log_logprob_mismatch; peer_systems.md §6), over the tokens
+# whose sequences carry the sampler's log-probs.
+MISMATCH_KEYS = ("sum/lp_abs_diff", "sum/lp_k3", "tokens/lp_compared")
 
 
 def _reduce_metrics(outputs: list[dict], keys: tuple[str, ...], layout) -> dict[str, float]:
@@ -176,20 +179,27 @@ class OrealTrainer:
         ref = self._ref_pass(mbs) if self.algo.kl_coef != 0.0 and self.reference is not None else {}
 
         train_actor = step >= self.algo.actor_freeze_steps
+        compare = bool(batch.sequences) and all(s.rollout_logprobs is not None for s in batch.sequences)
+        diff_max = [0.0]
 
         def post(idx, mb, output):
             logp = response_values(token_logprobs(output, mb.labels, self.vocab_size), mb)
             w_pos, w_neg = weights.get(idx) or (torch.ones_like(logp), torch.ones_like(logp))
-            return policy_loss(logp, ref.get(idx), mb.resp_cu_seqlens, mb.advantages, mb.is_positive,
-                               w_pos.to(logp.device), w_neg.to(logp.device),
-                               counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo)
+            loss, out = policy_loss(logp, ref.get(idx), mb.resp_cu_seqlens, mb.advantages, mb.is_positive,
+                                    w_pos.to(logp.device), w_neg.to(logp.device),
+                                    counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo)
+            if compare:  # the very log-probs the loss uses vs the sampler's, same tokens
+                sums, mx = logprob_mismatch(logp.detach(), _rollout_logprobs(batch, mb))
+                out.update(sums)
+                diff_max[0] = max(diff_max[0], mx)
+            return loss, out
 
         lr = optim.lr_for_step(self.policy_optim_cfg, step, self.total_steps)
         optim.set_lr(self.policy_opt, lr)
         optim.zero_grads(self.policy, self.policy_opt)
         outputs = run_schedule(self.policy, mbs, post, forward_only=not train_actor, loss_scale=self.layout.dp)
         grad_norm = optim.optimizer_step(self.policy_opt)[1] if train_actor else 0.0
-        pm = _reduce_metrics(outputs, POLICY_KEYS, self.layout)
+        pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()), self.layout)
         n_all, n_pos, n_neg = max(counts["n_all"], 1.0), max(counts["n_pos"], 1.0), max(counts["n_neg"], 1.0)
         metrics.update({
             "loss/positive": pm["loss/positive"],
@@ -209,7 +219,45 @@ class OrealTrainer:
             "tokens/w_neg_nonzero_frac": pm["tokens/w_neg_nonzero"] / n_neg,
             "micro_batches": len(mbs),
         })
+        if compare:
+            n_lp = max(pm["tokens/lp_compared"], 1.0)
+            metrics.update({"rollout/logprob_abs_diff_mean": pm["sum/lp_abs_diff"] / n_lp,
+                            "rollout/logprob_diff_max": _reduce_max(diff_max[0], self.layout),
+                            "rollout/logprob_k3_kl": pm["sum/lp_k3"] / n_lp})
         return metrics
+
+
+def _rollout_logprobs(batch: TrainBatch, mb: MicroBatch) -> Tensor:
+    """The sampler's log-probs of mb's response tokens, in the packed response layout (packing.py)."""
+    lp = [x for i in mb.seq_indices for x in batch.sequences[i].rollout_logprobs]
+    if len(lp) != mb.num_response_tokens:
+        raise ValueError(f"rollout_logprobs: {len(lp)} values for {mb.num_response_tokens} response tokens "
+                         f"(sequences {mb.seq_indices}); each needs one per response token")
+    return torch.tensor(lp, dtype=torch.float32)
+
+
+def logprob_mismatch(train_logp: Tensor, rollout_logp: Tensor) -> tuple[dict[str, Tensor], float]:
+    """Sums over tokens of |Δ| and of the k3 estimate, and max |Δ|, with Δ = log π_train − log π_rollout.
+
+    k3 = exp(Δ) − Δ − 1 ≥ 0 is the unbiased low-variance estimator of KL(π_rollout ‖ π_train) from
+    samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, OREAL.md §2.5),
+    what slime/verl log as the train-inference mismatch (peer_systems.md §6). Both inputs are [T] fp32.
+    """
+    delta = train_logp.float() - rollout_logp.to(train_logp.device).float()
+    k3 = torch.expm1(delta) - delta
+    mx = float(delta.abs().max()) if delta.numel() else 0.0
+    return {"sum/lp_abs_diff": delta.abs().sum(), "sum/lp_k3": k3.sum(),
+            "tokens/lp_compared": torch.tensor(float(delta.numel()))}, mx
+
+
+def _reduce_max(value: float, layout) -> float:
+    """Max over DP of a last-stage scalar, then given to every PP stage (as _reduce_metrics)."""
+    vec = torch.tensor([value if layout.is_last_stage else 0.0], dtype=torch.float64, device=layout.device)
+    if layout.dp > 1:
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=dp_group())
+    if layout.pp > 1:
+        dist.broadcast(vec, src=pp_ranks()[-1], group=pp_group())
+    return float(vec.item())
 
 
 def _per_sequence_weights(batch: TrainBatch, mbs: list[MicroBatch], weights: dict) -> list:

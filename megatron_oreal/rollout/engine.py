@@ -140,6 +140,15 @@ def decode_response(tokenizer: Any, out: GenOutput) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _checked_logprobs(out: GenOutput, uid: str) -> list[float] | None:
+    """The sampler's per-token log-probs, one per response token, or None (not requested)."""
+    if out.logprobs is None:
+        return None
+    if len(out.logprobs) != len(out.token_ids):
+        raise RuntimeError(f"engine: prompt {uid}: {len(out.logprobs)} log-probs for {len(out.token_ids)} tokens")
+    return [float(x) for x in out.logprobs]
+
+
 def to_groups(prompts: list[Prompt], outputs: list[list[GenOutput]], tokenizer: Any) -> list[Group]:
     """Engine outputs (in prompt order) + their Prompts -> Groups with decoded text, unscored."""
     if len(prompts) != len(outputs):
@@ -147,7 +156,8 @@ def to_groups(prompts: list[Prompt], outputs: list[list[GenOutput]], tokenizer: 
     groups = []
     for prompt, outs in zip(prompts, outputs):
         samples = [
-            Sample(response_ids=list(o.token_ids), finish_reason=o.finish_reason, text=decode_response(tokenizer, o))
+            Sample(response_ids=list(o.token_ids), finish_reason=o.finish_reason, text=decode_response(tokenizer, o),
+                   rollout_logprobs=_checked_logprobs(o, prompt.uid))
             for o in outs
         ]
         groups.append(Group(prompt=prompt, samples=samples))
