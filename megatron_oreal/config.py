@@ -87,6 +87,7 @@ class AlgoConfig:
     incorrect_threshold: float = 0.5
     topk_ratio: float = 0.25
     actor_freeze_steps: int = 10
+    max_nonfinite_steps: int = 3  # abort after this many steps in a row with a non-finite loss/grad norm
 
 
 @dataclass

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from megatron_oreal.checkpoint.resume import RunCheckpointer
+from megatron_oreal.checkpoint.resume import RunCheckpointer, fault_point
 from megatron_oreal.config import RunConfig, to_dict
-from megatron_oreal.stages import Comm, EvalResult, evaluate
+from megatron_oreal.launch.signals import agree_any
+from megatron_oreal.stages import Comm, EvalResult, _gather, _share, evaluate, rollout_and_score
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -148,6 +149,41 @@ class Run:
         self.synced_once = True
         return metrics.as_dict()
 
+    def rollout(self, prompts: list, step: int) -> list:
+        """rollout_and_score, restarting a failed engine (re-synced from the policy) and retrying the
+        same prompts with the same seed, at most rollout.max_restarts times. Collective: the engine
+        ranks generate alone, then every rank learns whether any failed before the groups are shared
+        (a failure inside the broadcast would leave the other ranks waiting)."""
+        sampling, limit = self.sampling(step), self.cfg.rollout.max_restarts
+        for attempt in range(limit + 1):
+            groups, error = None, None
+            if self.comm.is_engine_rank:
+                try:
+                    fault_point("rollout", step)
+                    groups = rollout_and_score(self.engine, prompts, sampling, self.tokenizer, self.verifier, Comm())
+                except Exception as exc:  # any engine failure: the engine is rebuilt, the data is not lost
+                    error = f"{type(exc).__name__}: {exc}"
+                    print(f"[rank {self.rank}] rollout at step {step + 1} failed: {error}", flush=True)
+            if not agree_any(error is not None):
+                return _gather(_share(groups, self.comm), self.comm)
+            if attempt == limit:
+                break
+            log(f"step {step + 1}: restarting the rollout engine ({attempt + 1}/{limit}) and retrying", self.rank)
+            self.restart_engine()
+        raise RunError(f"rollout failed at step {step + 1} after {limit} engine restarts (rollout.max_restarts={limit})"
+                       + (f": {error}" if error else " on another rank (see its log)"))
+
+    def restart_engine(self) -> None:
+        if self.engine is not None:
+            try:
+                self.engine.close()
+            except Exception as exc:  # a dead engine may not close cleanly; the new one replaces it anyway
+                print(f"[rank {self.rank}] closing the failed engine: {type(exc).__name__}: {exc}", flush=True)
+            from megatron_oreal.rollout import build_engine
+
+            self.engine = build_engine(self.cfg.rollout.engine, self.cfg.policy.hf_path, self.tokenizer, self.cfg.rollout)
+        self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
+
     def release_engine(self) -> None:
         if self.engine is not None:
             self.engine.release_memory()
@@ -190,6 +226,57 @@ class Run:
             self.export_hf(self.run_dir / "best_hf")
         return result
 
+    # ------------------------------------------------------------------ numerical faults + step records
+    def check_finite(self, step: int, metrics: dict) -> None:
+        """Count steps with a non-finite loss or grad norm (their updates were skipped, mcore/optim.py)
+        and stop after algo.max_nonfinite_steps in a row. Metrics are reduced, so every rank agrees."""
+        bad = [k for k in ("loss/policy", "rm/loss", "policy/grad_norm", "rm/grad_norm")
+               if k in metrics and not finite(metrics[k])]
+        bad += [k for k in ("policy/skipped", "rm/skipped") if metrics.get(k)]
+        st, limit = self.state, self.cfg.algo.max_nonfinite_steps
+        if not bad:
+            st.nonfinite_in_row = 0
+            return
+        st.nonfinite_in_row += 1
+        metrics["nonfinite"] = 1.0
+        log(f"step {step + 1}: non-finite {', '.join(sorted(set(bad)))}: update skipped "
+            f"({st.nonfinite_in_row} in a row, limit algo.max_nonfinite_steps={limit})", self.rank)
+        if st.nonfinite_in_row >= limit:
+            raise RunError(f"{st.nonfinite_in_row} steps in a row (up to step {step + 1}) had a non-finite loss or "
+                           f"gradient norm (algo.max_nonfinite_steps={limit}); stopping. The last checkpoint is "
+                           f"{self.checkpointer.latest_name()!r}; lower the learning rate or check the data.")
+
+    @property
+    def step_records(self) -> Path:
+        return self.run_dir / "steps.jsonl"
+
+    def append_step_record(self, step: int, groups: list, batch: Any, metrics: dict) -> None:
+        """RUN_DIR/steps.jsonl: one line per finished step (the data order, for audits and resume checks)."""
+        if not self.layout.is_main:
+            return
+        def num(k):
+            v = metrics.get(k)
+            return float(v) if finite(v) else None
+        rec = {"step": step + 1, "uids": [g.prompt.uid for g in groups], "reward_mean": num("reward/mean"),
+               "kept_sequences": batch.num_sequences, "loss_policy": num("loss/policy"),
+               "skipped": bool(metrics.get("skipped") or metrics.get("nonfinite"))}
+        with open(self.step_records, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def trim_step_records(self) -> None:
+        """Keep the records up to the step we (re)start from: later steps are re-run (and a line cut by
+        a kill is dropped)."""
+        if not self.layout.is_main or not self.step_records.exists():
+            return
+        keep = []
+        for line in self.step_records.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.state.step:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        self.step_records.write_text("".join(keep))
+
     # ------------------------------------------------------------------ checkpoints
     def _components(self) -> dict[str, tuple[Any, Any]]:
         parts = {"policy": (self.trainer.policy, self.trainer.policy_opt)}
@@ -204,7 +291,7 @@ class Run:
         st = self.state
         state = {"data": self.prompts.state_dict(), "best_pass1": st.best_pass1, "best_step": st.best_step,
                  "initial_pass1": st.initial_pass1, "history": st.history, "wall_seconds": st.wall_seconds,
-                 "tokens": st.tokens, "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
+                 "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row, "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
         path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
@@ -223,6 +310,7 @@ class Run:
         st.best_pass1, st.best_step = state["best_pass1"], state["best_step"]
         st.initial_pass1, st.history = state["initial_pass1"], state["history"]
         st.wall_seconds, st.tokens = state.get("wall_seconds", 0.0), state.get("tokens", 0.0)
+        st.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.prompts.load_state_dict(state["data"])
         log(f"resumed from {path} at step {st.step}", self.rank)
         return True

@@ -17,13 +17,12 @@ from typing import Callable
 import torch
 
 from megatron_oreal.algo.selection import build_train_batch
-from megatron_oreal.checkpoint.resume import CheckpointError
+from megatron_oreal.checkpoint.resume import CheckpointError, fault_point
 from megatron_oreal.config import ConfigError, RunConfig, load_config
 from megatron_oreal.data.prompts import DataError
 from megatron_oreal.data.templates import TemplateError
 from megatron_oreal.launch.signals import PreemptionHandler, finish_preemption
 from megatron_oreal.runtime import Run, RunError, log
-from megatron_oreal.stages import rollout_and_score
 from megatron_oreal.step_log import StepLog
 
 
@@ -37,6 +36,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
     r = Run(cfg)
     try:
         resumed = r.maybe_resume()
+        r.trim_step_records()  # steps after the checkpoint are re-run: drop their old records
         steplog = StepLog(r)
         r.sync_weights()  # the engine starts from the HF files; after a resume it must get the trained weights
         if not resumed:
@@ -46,16 +46,24 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         for step in range(start, end):
             t0 = time.perf_counter()
             with r.timer.stage("rollout"):
-                groups = rollout_and_score(r.engine, next(r.prompts), r.sampling(step), r.tokenizer, r.verifier, r.comm)
+                groups = r.rollout(next(r.prompts), step)
             with r.timer.stage("selection"):
                 batch = build_train_batch(groups, cfg.algo.advantage, cfg.algo.selection, cfg.seed, step)
             r.release_engine()
+            fault_point("train", step)
             with r.timer.stage("train"):
-                metrics = r.trainer.update(batch, step) if batch.sequences else {"skipped": 1.0}
+                if batch.sequences:
+                    metrics = r.trainer.update(batch, step)
+                else:  # every group all-correct or all-wrong: nothing to learn from, the LR still follows the step
+                    metrics = {"skipped": 1.0}
+                    log(f"step {step + 1}: no prompt with both correct and incorrect samples; update skipped", r.rank)
+            r.check_finite(step, metrics)
+            fault_point("sync", step)
             with r.timer.stage("weight_sync"):
                 metrics.update(r.sync_weights())
             r.state.step = step + 1
             metrics = steplog.record(step, groups, batch, metrics)
+            r.append_step_record(step, groups, batch, metrics)
             if on_step is not None:
                 on_step(step, metrics)
             done = step + 1 == end

@@ -17,11 +17,13 @@ The writers/readers are callables so this module knows nothing about Megatron.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,6 +69,7 @@ class RunCheckpointer:
         try:
             for component, write in writers.items():
                 write(tmp / component)
+            fault_point("save_written", step)  # the components are on disk, COMPLETE is not
             torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
             if self.rank == 0:
                 _write_json(tmp / "state.json", {"step": step, **state})
@@ -86,6 +89,7 @@ class RunCheckpointer:
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fault_point("save_renamed", step)  # published under its name, `latest` not moved yet
             _write_text_atomic(self.root / "latest", name + "\n")
             self._prune()
         self.barrier()
@@ -135,6 +139,39 @@ class RunCheckpointer:
         if rng_file.exists():
             restore_rng(torch.load(rng_file, weights_only=False))
         return state
+
+
+# Test-only fault injection, read from the environment so that a test drives the real CLI:
+#   OREAL_TEST_FAULT="point:step:action[:times],..."   e.g. "save_written:2:kill,rollout:1:raise:2"
+# actions: kill (SIGKILL itself: a kill -9 at an exact moment, no timing races), term (SIGTERM
+# itself: a preemption arriving mid-stage), enospc (OSError ENOSPC: a full disk), raise
+# (RuntimeError: a crashing engine). `times` (default: always) bounds how often it fires.
+FAULT_ENV = "OREAL_TEST_FAULT"
+_fired: dict[str, int] = {}
+
+
+def fault_point(point: str, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) < 3 or parts[0] != point or parts[1] != str(step):
+            continue
+        if len(parts) > 3 and _fired.get(item, 0) >= int(parts[3]):
+            continue
+        _fired[item] = _fired.get(item, 0) + 1
+        action = parts[2]
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<{FAULT_ENV} at {point}>")
+        elif action == "raise":
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) at {point}, step {step}")
+        else:
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
 
 def capture_rng() -> dict:

@@ -13,6 +13,8 @@ needs no scheduler state.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_oreal.algo.schedule import lr_at
@@ -75,9 +77,27 @@ def lr_for_step(cfg: OptimConfig, step: int, total_steps: int) -> float:
 
 
 def optimizer_step(optimizer) -> tuple[bool, float]:
-    """Clip (inside Megatron's step) and update; returns (updated, grad norm before clipping)."""
-    ok, grad_norm, _ = optimizer.step()
-    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+    """Clip and update; returns (updated, grad norm before clipping).
+
+    Megatron's `step()` skips only on an fp16 loss-scaler overflow; with fp32/bf16 a NaN/inf gradient
+    would be clipped (scaled by NaN) and poison the weights and Adam's moments. So this is `step()`
+    (ChainedOptimizer.step, optimizer.py:1308 in Megatron-Core 0.16.1) with one check between the
+    norm and the update: a non-finite norm skips the update. The norm is all-reduced over the
+    model-parallel group and the DP replicas hold the same gradients, so every rank decides alike.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 loss-scaler overflow: Megatron's own skip
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm,
+                                         opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def zero_grads(ddp_model, optimizer) -> None:

@@ -147,10 +147,11 @@ class OrealTrainer:
         lr = optim.lr_for_step(self.rm_optim_cfg, step, self.total_steps)
         optim.set_lr(self.rm_opt, lr)
         outputs = run_schedule(self.token_rm, mbs, post, forward_only=False, loss_scale=self.layout.dp)
-        _, grad_norm = optim.optimizer_step(self.rm_opt)
+        updated, grad_norm = optim.optimizer_step(self.rm_opt)
         metrics = _reduce_metrics(outputs, RM_KEYS, self.layout)
         m = max(counts["m"], 1.0)
-        return weights, {"rm/loss": metrics["loss/token_rm"], "rm/accuracy": metrics["sum/rm_correct"] / m,
+        return weights, {"rm/skipped": float(not updated),
+                         "rm/loss": metrics["loss/token_rm"], "rm/accuracy": metrics["sum/rm_correct"] / m,
                          "rm/mean_seq_logit": metrics["sum/rm_logit"] / m, "rm/grad_norm": grad_norm, "rm/lr": lr}
 
     def _ref_pass(self, mbs) -> dict[int, Tensor]:
@@ -198,7 +199,7 @@ class OrealTrainer:
         optim.set_lr(self.policy_opt, lr)
         optim.zero_grads(self.policy, self.policy_opt)
         outputs = run_schedule(self.policy, mbs, post, forward_only=not train_actor, loss_scale=self.layout.dp)
-        grad_norm = optim.optimizer_step(self.policy_opt)[1] if train_actor else 0.0
+        updated, grad_norm = optim.optimizer_step(self.policy_opt) if train_actor else (False, 0.0)
         pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()), self.layout)
         n_all, n_pos, n_neg = max(counts["n_all"], 1.0), max(counts["n_pos"], 1.0), max(counts["n_neg"], 1.0)
         metrics.update({
@@ -209,6 +210,7 @@ class OrealTrainer:
             "policy/grad_norm": grad_norm,
             "policy/lr": lr,
             "policy/frozen": not train_actor,
+            "policy/skipped": float(train_actor and not updated),  # non-finite grad norm: no update
             "policy/entropy": pm["sum/neg_logp"] / n_all,  # −mean logp (avg_gen_entropy)
             "policy/kl": pm["sum/kl"] / n_all,
             "policy/ref_kl": pm["sum/logp_minus_ref"] / n_all,  # mean(logp − ref) (avg_ref_kl)

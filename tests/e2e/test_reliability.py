@@ -1,0 +1,211 @@
+"""Reliability of `python -m megatron_oreal train` on a tiny CPU run: kill -9 at exact moments, SIGTERM,
+a full disk, non-finite numbers, a crashing engine, a timed-out verifier, and bad input.
+
+Faults are injected through the real CLI by the test-only $OREAL_TEST_FAULT hook
+(checkpoint/resume.py `fault_point`): a process that SIGKILLs itself at a named point is a kill -9
+at an exact moment, with no timing races. Runs are single processes (world of one, no torchrun), so
+the exit status is the trainer's own. One uninterrupted reference run is shared by every comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from megatron_oreal.data import arith
+from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
+from megatron_oreal.launch.signals import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[2]
+MAIN = REPO / "megatron_oreal" / "__main__.py"
+
+CONFIG = """
+steps: 3
+seed: 0
+data: {{train_file: {root}/train.jsonl, eval_file: {root}/eval.jsonl, prompts_per_step: 2, system_prompt: none}}
+rollout:
+  sampling: {{n: 4, max_new_tokens: 8, max_total_length: 48, top_p: 1.0}}
+algo: {{advantage: reinforce, selection: all, actor_freeze_steps: 1}}
+policy: {{hf_path: {root}/hf, dtype: fp32, micro_batch_tokens: 256, optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
+token_rm: {{optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
+checkpoint: {{every: 1, keep: 2}}
+eval: {{every: 1, max_new_tokens: 8, keep_best: true}}
+log: {{html_every: 0, tensorboard: false}}
+reward: {{workers: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    make_random_tiny_model(root / "hf", seed=0, size=TinySize(layers=1, hidden=32, heads=2, kv_heads=1, ffn=64))
+    arith.write_prompts_jsonl(root / "train.jsonl", arith.make_problems(12, seed=0, split="train"))
+    arith.write_prompts_jsonl(root / "eval.jsonl", arith.make_problems(4, seed=0, split="heldout"))
+    cfg = root / "run.yaml"
+    cfg.write_text(CONFIG.format(root=root))
+    return root, cfg
+
+
+def train(cfg, run_dir, *overrides, fault: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
+    """One `train` process (its own session, so leftovers of a killed run are killed with it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OREAL_"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    if fault:
+        env["OREAL_TEST_FAULT"] = fault
+    cmd = [sys.executable, str(MAIN), "train", str(cfg), f"run_dir={run_dir}", *overrides]
+    logs = Path(run_dir).parent / f".{Path(run_dir).name}.log"
+    # Files, not pipes: orphans of a killed run (verifier pool, checkpoint writers) keep pipes open.
+    with open(logs.with_suffix(".out"), "w+") as out, open(logs.with_suffix(".err"), "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            try:  # end the whole session: the run itself if it timed out, and any orphans of a kill -9
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise AssertionError(f"train timed out after {timeout}s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def latest(run_dir: Path) -> str | None:
+    p = run_dir / "checkpoints" / "latest"
+    return p.read_text().strip() if p.exists() else None
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict:
+    return {k: v for f in sorted((run_dir / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs (max {(a[k] - b[k]).abs().max()})"
+
+
+def no_traceback(res) -> None:
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    root, cfg = assets
+    run_dir = root / "ref"
+    ok(train(cfg, run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recs = records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(len(r["uids"]) == 2 for r in recs)
+    return run_dir, weights(run_dir), recs, summary
+
+
+@pytest.mark.slow
+def test_kills_sigterm_and_full_disk_resume_bit_identical(assets, reference):
+    """Six interruptions of one run, each resumed by the same command; the end equals the reference.
+
+    checkpoint k = after k steps. Each row: fault, expected exit, `latest` afterwards.
+    """
+    root, cfg = assets
+    ref_dir, ref_w, ref_recs, ref_summary = reference
+    run_dir = root / "interrupted"
+    kill = -signal.SIGKILL
+    plan = [
+        ("train:0:kill", kill, None),  # mid-step 1, before any checkpoint: starts over
+        ("save_written:2:kill", kill, "step_000001"),  # mid-save (components written, no COMPLETE)
+        ("save_renamed:2:kill", kill, "step_000001"),  # published dir, `latest` not yet moved
+        ("save_written:2:enospc", 1, "step_000001"),  # full disk during a save
+        ("sync:1:term", EXIT_PREEMPTED, "step_000002"),  # SIGTERM mid-step 2: finish it, save, exit 75
+        ("sync:2:kill", kill, "step_000002"),  # after the update of step 3, before the weight sync
+    ]
+    for fault, code, expect_latest in plan:
+        res = train(cfg, run_dir, fault=fault)
+        assert res.returncode == code, f"{fault}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+        assert latest(run_dir) == expect_latest, fault
+        if expect_latest:
+            assert (run_dir / "checkpoints" / expect_latest / "COMPLETE").exists()
+        if fault.endswith("enospc"):
+            no_traceback(res)
+            errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+            assert len(errors) == 1 and "No space left on device" in errors[0], res.stderr[-2000:]
+            assert "step_000002" in errors[0] and "'step_000001'" in errors[0]
+            assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # the partial save is removed
+        if fault.endswith("term"):
+            assert "SIGTERM received: checkpoint written at step 2, exiting with code 75" in res.stdout
+    res = ok(train(cfg, run_dir))
+    assert "resumed from" in res.stdout and "step_000002" in res.stdout
+    assert latest(run_dir) == "step_000003"
+    assert_same_weights(weights(run_dir), ref_w)  # bit-identical final weights
+    assert records(run_dir) == ref_recs  # same prompts per step, same rewards, same kept sequences
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("eval_history", "eval_pass1_initial", "eval_pass1_best", "eval_best_step"):
+        assert summary[key] == ref_summary[key], key
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_updates_then_aborts(assets):
+    """eta = NaN makes every actor loss/gradient NaN (the RM's stays finite): step 1 is frozen, steps 2
+    and 3 skip the update (logged) and the actor ends bit-identical to the start; with a limit of 1
+    the run stops at step 2 with one clear message and keeps its last checkpoint."""
+    root, cfg = assets
+    run_dir = root / "nan"
+    res = ok(train(cfg, run_dir, "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=3"))
+    assert res.stdout.count("update skipped (") == 2, res.stdout[-3000:]
+    assert "step 3: non-finite" in res.stdout and "(2 in a row" in res.stdout
+    assert [r["skipped"] for r in records(run_dir)] == [False, True, True]
+    start = {k: v for f in (root / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert_same_weights(weights(run_dir), start)
+
+    res = train(cfg, root / "nan_abort", "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=1")
+    assert res.returncode == 1
+    no_traceback(res)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "algo.max_nonfinite_steps=1" in errors[0] and "'step_000001'" in errors[0]
+    assert latest(root / "nan_abort") == "step_000001"
+
+
+@pytest.mark.slow
+def test_engine_restarts_verifier_timeouts_and_empty_selection(assets, reference):
+    root, cfg = assets
+    _, _, ref_recs, _ = reference
+    # generate fails twice at step 2: two restarts (re-synced from the policy), same samples as the reference
+    run_dir = root / "engine"
+    res = ok(train(cfg, run_dir, "rollout.max_restarts=2", "--max-steps", "2", fault="rollout:1:raise:2"))
+    assert res.stdout.count("restarting the rollout engine") == 2
+    assert records(run_dir) == ref_recs[:2]
+    # always failing: a bounded number of restarts, then one clear error
+    res = train(cfg, root / "engine_dead", "rollout.max_restarts=1", fault="rollout:0:raise")
+    assert res.returncode == 1
+    no_traceback(res)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "after 1 engine restarts (rollout.max_restarts=1)" in errors[0], res.stderr[-2000:]
+    # a verifier slower than its deadline: the worker is killed, every sample scores -1 (timeout), no
+    # prompt has both outcomes, the update is skipped, and the run still finishes
+    run_dir = root / "verifier"
+    res = ok(train(cfg, run_dir, "reward.timeout_s=0.000001", "algo.selection=one_pair", "eval.every=0"))
+    recs = records(run_dir)
+    assert [(r["reward_mean"], r["kept_sequences"], r["skipped"]) for r in recs] == [(-1.0, 0, True)] * 3
+    assert "no prompt with both correct and incorrect samples; update skipped" in res.stdout
+    assert latest(run_dir) == "step_000003"
