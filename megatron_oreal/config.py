@@ -31,7 +31,6 @@ class DataConfig:
     prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
     prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or a format string with {prompt}
-    prompt_format: str = "chat"  # "chat" = the tokenizer's chat template; else a format string with {prompt}
     difficulty_balance: bool = False  # repeat prompts by offline pass_rate (OREAL.md §4.1)
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
     seed: int = 0
@@ -233,9 +232,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
+def _build(cls: type, data: dict, where: str, base: Any = None) -> Any:
+    """`base` (default: cls()) with the keys of `data` replaced, recursively. A nested section starts
+    from its parent's default (the token RM's optimizer keeps its own LR when only warm-up is set)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -247,10 +249,10 @@ def _build(cls: type, data: dict, where: str) -> Any:
             raise ConfigError(f"unknown key {dotted!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted, getattr(base, key))
         else:
             kwargs[key] = _coerce(value, tp, dotted)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

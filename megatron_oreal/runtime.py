@@ -88,6 +88,8 @@ class Run:
 
         t0 = time.time()
         kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)
+        if cfg.policy.recompute:  # full activation recompute, as the reference runs (OREAL.md §7)
+            kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         policy = build_policy(self.hf_config, layout, **kw)
         load_hf_weights(policy, cfg.policy.hf_path, layout)
         self.reference = ReferenceWeights(policy)  # the frozen initial policy, on the host
@@ -136,6 +138,8 @@ class Run:
         from megatron_oreal.sync import InProcessTransport, SGLangIPCTransport, sync_weights
 
         cfg = self.cfg.rollout
+        if torch.cuda.is_available():  # hand the activations' cached blocks back before the engine resumes
+            torch.cuda.empty_cache()
         bucket_bytes = cfg.sync_bucket_mb << 20
         source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes)
         if not self.comm.is_engine_rank:

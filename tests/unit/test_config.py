@@ -29,7 +29,9 @@ def test_yaml_and_overrides(tmp_path):
         rollout:
           sampling: {n: 4, temperature: 0.7}
         policy:
-          optim: {lr: 3e-5}
+          optim: {lr: 3e-5, warmup_steps: 2}
+        token_rm:
+          optim: {warmup_steps: 2}
         """,
     )
     cfg = load_config(path, ["run_dir=/tmp/x", "rollout.sampling.n=8", "policy.optim.min_lr=1e-6", "algo.selection=all"])
@@ -75,6 +77,11 @@ def test_value_checks():
         load_config(None, ["data.prompts_per_step=0"])
     with pytest.raises(ConfigError, match=r"top_p"):
         load_config(None, ["rollout.sampling.top_p=1.5"])
+
+
+def test_warmup_must_fit_in_the_run():
+    with pytest.raises(ConfigError, match=r"policy\.optim\.warmup_steps \(10\) must be smaller than steps \(5\)"):
+        load_config(None, ["steps=5"])
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
