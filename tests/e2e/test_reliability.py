@@ -166,23 +166,24 @@ def test_kills_sigterm_and_full_disk_resume_bit_identical(assets, reference):
 
 @pytest.mark.slow
 def test_nonfinite_loss_skips_updates_then_aborts(assets):
-    """eta = NaN makes every actor loss/gradient NaN (the RM's stays finite): step 1 is frozen, steps 2
-    and 3 skip the update (logged) and the actor ends bit-identical to the start; with a limit of 1
-    the run stops at step 2 with one clear message and keeps its last checkpoint."""
+    """eta = NaN makes every actor loss NaN (the RM's stays finite): the frozen step 1 reports it, steps 2
+    and 3 skip the actor update (logged), and the actor ends bit-identical to the start; with a limit of
+    2 the run stops at step 2 with one clear message and keeps its last checkpoint."""
     root, cfg = assets
     run_dir = root / "nan"
-    res = ok(train(cfg, run_dir, "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=3"))
-    assert res.stdout.count("update skipped (") == 2, res.stdout[-3000:]
-    assert "step 3: non-finite" in res.stdout and "(2 in a row" in res.stdout
-    assert [r["skipped"] for r in records(run_dir)] == [False, True, True]
+    res = ok(train(cfg, run_dir, "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=4"))
+    assert res.stdout.count("update skipped (") == 3, res.stdout[-3000:]
+    assert "step 1: non-finite loss/policy: update skipped (1 in a row" in res.stdout
+    assert "step 3: non-finite loss/policy, policy/grad_norm, policy/skipped: update skipped (3 in a row" in res.stdout
+    assert [r["skipped"] for r in records(run_dir)] == [True, True, True]
     start = {k: v for f in (root / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     assert_same_weights(weights(run_dir), start)
 
-    res = train(cfg, root / "nan_abort", "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=1")
+    res = train(cfg, root / "nan_abort", "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=2")
     assert res.returncode == 1
     no_traceback(res)
     errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(errors) == 1 and "algo.max_nonfinite_steps=1" in errors[0] and "'step_000001'" in errors[0]
+    assert len(errors) == 1 and "algo.max_nonfinite_steps=2" in errors[0] and "'step_000001'" in errors[0]
     assert latest(root / "nan_abort") == "step_000001"
 
 
