@@ -272,8 +272,11 @@ def cmd_rl(a) -> None:
         torch.nn.init.zeros_(head.weight)
         opt_rm = torch.optim.AdamW(list(rm.model.parameters()) + list(head.parameters()), lr=a.rm_lr,
                                    weight_decay=0.01)
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(max(s - a.freeze, 0), a.warmup,
-                                                                     a.steps - a.freeze, a.min_lr_ratio))
+    if a.oreal_schedule:  # OREAL.md §4.3: the actor's schedule runs through the frozen steps
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.warmup, a.steps, a.min_lr_ratio))
+    else:  # the actor's warm-up starts at its first update, so a fresh AdamW never starts at full lr
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(max(s - a.freeze, 0), a.warmup,
+                                                                         a.steps - a.freeze, a.min_lr_ratio))
     sch_rm = opt_rm and torch.optim.lr_scheduler.LambdaLR(
         opt_rm, lambda s: lr_factor(s, a.warmup, a.steps, a.min_lr_ratio))
     stream = train_stream(a.seed + 1000)  # RL draws its own train-split problems
@@ -377,6 +380,7 @@ def main(argv=None) -> int:
     r.add_argument("--freeze", type=int, default=0, help="actor-freeze steps (only the RM trains)")
     r.add_argument("--eta", type=float, default=0.5)
     r.add_argument("--beta", type=float, default=0.01)
+    r.add_argument("--oreal-schedule", action="store_true", help="actor warm-up counted from step 0")
     r.add_argument("--token-rm", action="store_true")
     r.add_argument("--rm-lr", type=float, default=1e-4)
     r.add_argument("--eval-every", type=int, default=25)
