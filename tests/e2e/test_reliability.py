@@ -15,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -61,9 +63,8 @@ def train(cfg, run_dir, *overrides, fault: str = "", timeout: float = 240) -> su
     if fault:
         env["OREAL_TEST_FAULT"] = fault
     cmd = [sys.executable, str(MAIN), "train", str(cfg), f"run_dir={run_dir}", *overrides]
-    logs = Path(run_dir).parent / f".{Path(run_dir).name}.log"
     # Files, not pipes: orphans of a killed run (verifier pool, checkpoint writers) keep pipes open.
-    with open(logs.with_suffix(".out"), "w+") as out, open(logs.with_suffix(".err"), "w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
         timed_out = False
         try:
@@ -210,3 +211,63 @@ def test_engine_restarts_verifier_timeouts_and_empty_selection(assets, reference
     assert [(r["reward_mean"], r["kept_sequences"], r["skipped"]) for r in recs] == [(-1.0, 0, True)] * 3
     assert "no prompt with both correct and incorrect samples; update skipped" in res.stdout
     assert latest(run_dir) == "step_000003"
+
+
+def _checkpoint_listing(run_dir: Path) -> dict:
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_path):
+    """Each bad input: non-zero exit, exactly one `error:` line naming the file/line/key, no traceback,
+    and the run dir's previous checkpoint untouched."""
+    root, cfg = assets
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    before = _checkpoint_listing(run_dir)
+    text = cfg.read_text()
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(text + "steps: [1, 2\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("max_new_tokens: 8, keep_best", "max_new_token: 8, keep_best"))
+    rows = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"question": "1+1", \n')
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "2+2"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({**rows[0], "gold_answer": ""}) + "\n")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(root / "hf", no_weights)
+    (no_weights / "model.safetensors").unlink()
+    no_template = tmp_path / "no_template"
+    shutil.copytree(root / "hf", no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((no_template / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+    cases = [  # (config, overrides, exit code, substrings of the error line)
+        (bad_yaml, [], 2, [str(bad_yaml), "line"]),
+        (typo, [], 2, [str(typo), "eval.max_new_token", "did you mean 'max_new_tokens'"]),
+        (cfg, ["steps=three"], 2, ["steps", "int"]),
+        (cfg, [f"data.train_file={broken}"], 1, [f"{broken}:3", "not valid JSON"]),
+        (cfg, [f"data.train_file={missing}"], 1, [f"{missing}:2", "no answer field"]),
+        (cfg, [f"data.train_file={empty}"], 1, [f"{empty}:1", "gold_answer"]),
+        (cfg, [f"policy.hf_path={no_weights}"], 1, ["policy.hf_path", str(no_weights), "no *.safetensors"]),
+        (cfg, [f"policy.hf_path={no_template}"], 1, ["chat template"]),
+    ]
+    # Independent processes, most of their time spent importing: four at a time.
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: train(c[0], run_dir, *c[1]), cases))
+    for (config, overrides, code, needles), res in zip(cases, results):
+        what = f"{config.name} {overrides}"
+        assert res.returncode == code, f"{what}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        no_traceback(res)
+        errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1, f"{what}: {res.stderr[-3000:]}"
+        for needle in needles:
+            assert needle in errors[0], f"{what}: {needle!r} not in {errors[0]!r}"
+        assert _checkpoint_listing(run_dir) == before, what
