@@ -4,10 +4,11 @@ This is an experiment tool, not part of the library (it does not use Megatron): 
 the task design lets RL raise greedy pass@1 in a few minutes on 2 CPU cores, and it writes the
 pre-trained starting model that examples/tiny ships. Design and measured numbers: examples/tiny/README.md.
 
-    python tools/calibrate_tiny.py sft  --out runs/tiny_sft --steps 3000 --seed 0
-    python tools/calibrate_tiny.py rl   --init runs/tiny_sft --steps 300 --seed 0 [--token-rm]
-    python tools/calibrate_tiny.py eval --init runs/tiny_sft
-    python tools/calibrate_tiny.py data --out DIR          # the JSONL files (prompts, SFT pairs)
+    python tools/calibrate_tiny.py sft  --digits 1 --steps 800 --seed 0 --threads 1 --out runs/tiny_sft
+    python tools/calibrate_tiny.py rl   --digits 1 --init runs/tiny_sft --steps 60 --seed 5 --threads 2 \
+        --lr 1e-4 --token-rm --freeze 10 --rm-lr 4e-4 --oreal-schedule
+    python tools/calibrate_tiny.py eval --digits 1 --init runs/tiny_sft [--pass-k 8]
+    python tools/calibrate_tiny.py data --digits 1 --out DIR   # prompts_train/heldout.jsonl, sft.jsonl
 
 Every number printed comes from the run that prints it.
 """
