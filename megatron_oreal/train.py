@@ -9,6 +9,7 @@ runtime.py. The same command on a run dir that holds a checkpoint resumes from i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -104,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg, max_steps=args.max_steps)
     except (RunError, ConfigError, DataError, TemplateError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk outside a checkpoint save (logs, eval files, the HF export): the last
+        # checkpoint is intact (resume.py publishes atomically); say so instead of a traceback.
+        print(f"error: disk full writing {exc.filename or 'a run file'}: {exc.strerror}; free space and rerun "
+              "the same command to resume from the last checkpoint", file=sys.stderr)
         return 1
     log(json.dumps(summary, indent=2))
     return 0
