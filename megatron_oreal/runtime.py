@@ -185,7 +185,8 @@ class Run:
                 print(f"[rank {self.rank}] closing the failed engine: {type(exc).__name__}: {exc}", flush=True)
             from megatron_oreal.rollout import build_engine
 
-            self.engine = build_engine(self.cfg.rollout.engine, self.cfg.policy.hf_path, self.tokenizer, self.cfg.rollout)
+            cfg = self.cfg
+            self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
         self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
 
     def release_engine(self) -> None:
@@ -295,7 +296,8 @@ class Run:
         st = self.state
         state = {"data": self.prompts.state_dict(), "best_pass1": st.best_pass1, "best_step": st.best_step,
                  "initial_pass1": st.initial_pass1, "history": st.history, "wall_seconds": st.wall_seconds,
-                 "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row, "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
+                 "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row,
+                 "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
         path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
