@@ -277,7 +277,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def validate(cfg: RunConfig) -> RunConfig:
+def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
+    """Cross-field checks; `command` says which run the config is for ("train" or "sft")."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -301,6 +302,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("rollout.sampling.n: RLOO needs at least 2 samples per prompt")
     if not 0.0 < cfg.rollout.sampling.top_p <= 1.0:
         raise ConfigError(f"rollout.sampling.top_p: must be in (0, 1], got {cfg.rollout.sampling.top_p}")
+    if command == "sft":
+        if cfg.policy.optim.warmup_steps >= cfg.sft.steps:
+            raise ConfigError(f"policy.optim.warmup_steps ({cfg.policy.optim.warmup_steps}) must be smaller "
+                              f"than sft.steps ({cfg.sft.steps})")
+        return cfg
     for name, optim in (("policy.optim", cfg.policy.optim), ("token_rm.optim", cfg.token_rm.optim)):
         if optim.warmup_steps >= cfg.steps:
             raise ConfigError(f"{name}.warmup_steps ({optim.warmup_steps}) must be smaller than steps ({cfg.steps})")
@@ -309,7 +315,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                command: str = "train") -> RunConfig:
     """Load a YAML file (or nothing: all defaults), apply `a.b=value` overrides, validate."""
     tree: dict = {}
     source = "config"
@@ -331,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return validate(_build(RunConfig, tree, ""))
+        return validate(_build(RunConfig, tree, ""), command)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, command="sft")
         summary = run_sft(cfg)
     except (ConfigError, SFTDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
