@@ -1,6 +1,11 @@
-"""Regenerate the embedded default's starting point: examples/tiny/{model,data}.
+"""Make a tiny starting model with the project's own Megatron `sft` command (an alternative to
+tools/calibrate_tiny.py, which made the shipped examples/tiny/model in plain PyTorch).
 
-    python tools/make_tiny_model.py [--out examples/tiny] [--steps 800] [--seed 0]
+    python tools/make_tiny_model.py --out runs/tiny_made [--steps 800] [--seed 0]
+
+Not yet measured end to end (its SFT was stopped unfinished on a loaded machine): evaluate what it
+makes with `python -m megatron_oreal eval` before using it in place of the shipped model. It writes
+its own data/ with every problem of each split, so its numbers will not match examples/tiny/README.md.
 
 1. prompts: the built-in arithmetic task (megatron_oreal/data/arith.py, 1-digit operands, 2 operators);
    data/train.jsonl holds train-split problems only, data/heldout.jsonl the first 1000 held-out
