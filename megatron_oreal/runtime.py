@@ -21,7 +21,7 @@ import torch
 from megatron_oreal.checkpoint.resume import RunCheckpointer, fault_point
 from megatron_oreal.config import RunConfig, to_dict
 from megatron_oreal.launch.signals import agree_any
-from megatron_oreal.stages import Comm, EvalResult, _gather, _share, evaluate, rollout_and_score
+from megatron_oreal.stages import Comm, EvalResult, evaluate, gather_groups, rollout_and_score, share_groups
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -169,7 +169,7 @@ class Run:
                     error = f"{type(exc).__name__}: {exc}"
                     print(f"[rank {self.rank}] rollout at step {step + 1} failed: {error}", flush=True)
             if not agree_any(error is not None):
-                return _gather(_share(groups, self.comm), self.comm)
+                return gather_groups(share_groups(groups, self.comm), self.comm)
             if attempt == limit:
                 break
             log(f"step {step + 1}: restarting the rollout engine ({attempt + 1}/{limit}) and retrying", self.rank)

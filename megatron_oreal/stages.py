@@ -46,7 +46,7 @@ def score_groups(groups: list[Group], verifier: Any) -> None:
             s.reason = r.reason
 
 
-def _share(obj: Any, comm: Comm) -> Any:
+def share_groups(obj: Any, comm: Comm) -> Any:
     if comm.mp_group is not None and dist.get_world_size(comm.mp_group) > 1:
         box = [obj]
         dist.broadcast_object_list(box, src=comm.engine_src, group=comm.mp_group)
@@ -54,7 +54,7 @@ def _share(obj: Any, comm: Comm) -> Any:
     return obj
 
 
-def _gather(items: list, comm: Comm) -> list:
+def gather_groups(items: list, comm: Comm) -> list:
     if comm.dp_size <= 1:
         return items
     out: list[Any] = [None] * comm.dp_size
@@ -70,8 +70,8 @@ def rollout_and_score(
     if comm.is_engine_rank:
         groups = generate_groups(engine, prompts, sampling, tokenizer)
         score_groups(groups, verifier)
-    groups = _share(groups, comm)
-    return _gather(groups, comm)
+    groups = share_groups(groups, comm)
+    return gather_groups(groups, comm)
 
 
 @dataclass
@@ -137,7 +137,7 @@ def evaluate(
             chunk = generate_groups(engine, mine[i : i + batch_size], sampling, tokenizer)
             score_groups(chunk, verifier)
             groups += chunk
-    groups = _gather(_share(groups, comm), comm)
+    groups = gather_groups(share_groups(groups, comm), comm)
     order = {p.uid: i for i, p in enumerate(prompts)}
     groups.sort(key=lambda g: order.get(g.prompt.uid, 0))
     return summarize(groups)
