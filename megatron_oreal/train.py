@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML run config (see examples/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run_dir=runs/a steps=20")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --options
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

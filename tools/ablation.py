@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--steps", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in ABLATIONS]
     if unknown:

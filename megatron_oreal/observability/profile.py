@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-steps", default="",
                         help="PyTorch-profiler trace for steps a:b, counted from 0 at this command's first step")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.steps <= 0:
         parser.error("--steps must be > 0")
     from megatron_oreal.config import ConfigError, load_config
