@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from megatron_oreal.config import ConfigError, RunConfig, load_config
+from megatron_oreal.data.prompts import DataError
+from megatron_oreal.data.templates import TemplateError
 from megatron_oreal.types import TrainBatch, TrainSequence
 
 
@@ -26,30 +28,18 @@ class SFTDataError(ValueError):
 def load_pairs(path: str, tokenizer, prompt_key: str, response_key: str, system_prompt: str,
                add_eos: bool) -> list[TrainSequence]:
     """Tokenised (prompt, response) pairs; a bad line raises naming the file and line."""
+    from megatron_oreal.data.prompts import read_jsonl
     from megatron_oreal.data.templates import apply_template
 
-    if not Path(path).is_file():
-        raise SFTDataError(f"sft.train_file: {path!r} does not exist")
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SFTDataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise SFTDataError(f"{path}:{lineno}: expected a JSON object")
-            for key in (prompt_key, response_key):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise SFTDataError(f"{path}:{lineno}: missing or empty {key!r} (have: {sorted(row)})")
-            prompt_ids = apply_template(tokenizer, row[prompt_key], system_prompt)
-            response_ids = tokenizer.encode(row[response_key], add_special_tokens=False) + eos
-            out.append(TrainSequence(list(prompt_ids), response_ids, advantage=1.0, is_positive=True))
-    if not out:
-        raise SFTDataError(f"{path}: no training pairs")
+    for lineno, row in read_jsonl(path):
+        for key in (prompt_key, response_key):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise SFTDataError(f"{path}:{lineno}: missing or empty {key!r} (have: {sorted(row)})")
+        prompt_ids = apply_template(tokenizer, row[prompt_key], system_prompt)
+        response_ids = tokenizer.encode(row[response_key], add_special_tokens=False) + eos
+        out.append(TrainSequence(list(prompt_ids), response_ids, advantage=1.0, is_positive=True))
     return out
 
 
@@ -118,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, command="sft")
         summary = run_sft(cfg)
-    except (ConfigError, SFTDataError) as exc:
+    except (ConfigError, SFTDataError, DataError, TemplateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
