@@ -45,7 +45,6 @@ class StepLog:
         self.arch = arch_from_hf_config(run.hf_config)
         self.device = GPUS["h100-80g"] if run.layout.device.startswith("cuda") else GPUS["cpu"]
         self.step_times: list[float] = []
-        self.first_step = run.state.step
 
     def record(self, step: int, groups: list[Group], batch: TrainBatch, metrics: dict) -> dict:
         r, st = self.run, self.run.state
