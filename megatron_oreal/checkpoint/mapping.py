@@ -5,7 +5,7 @@ serves import (hf_io.load_hf_weights), export and weight sync (gather.iter_hf_te
 Qwen2ForCausalLM and LlamaForCausalLM share HF module names; they differ only in the q/k/v biases
 (ArchSpec.qkv_bias), so both use the same table.
 
-Layouts (Megatron-Core 0.16.1, verified in /work/shared/reference/megatron_core_on_cpu.md §5):
+Layouts (Megatron-Core 0.16.1; the logits-parity and round-trip tests check them):
 - qkv: linear_qkv rows are grouped per query group g: [q heads of g (per*hd rows); k_g (hd); v_g (hd)]
   (megatron/core/transformer/attention.py SelfAttention.get_query_key_value_tensors splits
   [ng, (per+2)*hd] in this order). TP shards whole groups: rank r holds groups [r*ng/tp, (r+1)*ng/tp).

@@ -7,7 +7,7 @@ tracker runs on the CPU generator, `synchronize` is a no-op, CPU tensors report 
 (Megatron's optimizers whitelist those), and `.cuda()` returns the tensor itself.
 
 With CUDA present nothing is patched, so the same code runs unchanged on GPUs. Each shim was
-checked by leaving it out (see /work/shared/reference/megatron_core_on_cpu.md §2); the test
+checked by leaving it out on a CPU-only torch; the test
 `tests/unit/mcore/test_mcore_cpu_shims.py` re-checks on every run that each one is still needed,
 so an upgrade that makes one redundant is noticed.
 """
