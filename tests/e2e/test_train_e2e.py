@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.tiny_run import write_tiny_run
 from helpers.torchrun import run_torchrun
-from megatron_oreal.data import arith
-from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
 
 MAIN = Path(__file__).resolve().parents[2] / "megatron_oreal" / "__main__.py"
 STAGES = ("time/rollout", "time/selection", "time/train", "time/weight_sync")
@@ -17,25 +16,7 @@ STAGES = ("time/rollout", "time/selection", "time/train", "time/weight_sync")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    hf = make_random_tiny_model(root / "hf", seed=0, size=TinySize(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128))
-    arith.write_prompts_jsonl(root / "train.jsonl", arith.make_problems(40, seed=0, split="train"))
-    arith.write_prompts_jsonl(root / "eval.jsonl", arith.make_problems(8, seed=0, split="heldout"))
-    cfg = root / "run.yaml"
-    cfg.write_text(f"""
-steps: 2
-seed: 0
-data: {{train_file: {root / 'train.jsonl'}, eval_file: {root / 'eval.jsonl'}, prompts_per_step: 4, system_prompt: none}}
-rollout:
-  sampling: {{n: 4, max_new_tokens: 12, max_total_length: 64, top_p: 1.0}}
-algo: {{selection: all, actor_freeze_steps: 1}}
-policy: {{hf_path: {hf}, dtype: fp32, micro_batch_tokens: 256, optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
-token_rm: {{optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
-checkpoint: {{every: 1, keep: 2}}
-eval: {{every: 1, max_new_tokens: 12, keep_best: false}}
-log: {{html_every: 1}}
-reward: {{workers: 1}}
-""")
-    return root, cfg
+    return root, write_tiny_run(root, steps=2, eval_rows=8, eval_every=1, html_every=1)
 
 
 def _check_run(run_dir: Path, steps: int = 2):

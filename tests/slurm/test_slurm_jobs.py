@@ -167,29 +167,10 @@ def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
 
 
 def _tiny_assets(root: Path) -> Path:
-    """A tiny random model, arithmetic prompts and a 5-step config (the e2e tests' recipe, smaller eval)."""
-    from megatron_oreal.data import arith
-    from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
+    """The e2e tests' tiny run, 5 steps, checkpoint every step, no periodic eval."""
+    from helpers.tiny_run import write_tiny_run
 
-    hf = make_random_tiny_model(root / "hf", seed=0, size=TinySize(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128))
-    arith.write_prompts_jsonl(root / "train.jsonl", arith.make_problems(40, seed=0, split="train"))
-    arith.write_prompts_jsonl(root / "eval.jsonl", arith.make_problems(4, seed=0, split="heldout"))
-    cfg = root / "run.yaml"
-    cfg.write_text(f"""
-steps: 5
-seed: 0
-data: {{train_file: {root / 'train.jsonl'}, eval_file: {root / 'eval.jsonl'}, prompts_per_step: 4, system_prompt: none}}
-rollout:
-  sampling: {{n: 4, max_new_tokens: 12, max_total_length: 64, top_p: 1.0}}
-algo: {{selection: all, actor_freeze_steps: 1}}
-policy: {{hf_path: {hf}, dtype: fp32, micro_batch_tokens: 256, optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
-token_rm: {{optim: {{lr: 1e-3, min_lr: 1e-4, warmup_steps: 1}}}}
-checkpoint: {{every: 1, keep: 2}}
-eval: {{every: 0, max_new_tokens: 12, keep_best: false}}
-log: {{html_every: 0}}
-reward: {{workers: 1}}
-""")
-    return cfg
+    return write_tiny_run(root, steps=5, eval_rows=4, eval_every=0, html_every=0)
 
 
 def test_real_trainer_preempted_requeued_resumes(slurm_cluster, jobs, tmp_path):
