@@ -30,7 +30,9 @@ def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | 
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
+    # The repo for megatron_oreal, tests/ for `from helpers.say import say` in the workers.
+    paths = (repo, os.path.join(repo, "tests"), full_env.get("PYTHONPATH", ""))
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                             start_new_session=True)
     try:

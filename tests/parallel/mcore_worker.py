@@ -19,6 +19,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from helpers.say import say
+
 B, S, MB = 4, 16, 2  # global batch, sequence, micro-batch size (2 micro-batches)
 
 
@@ -114,7 +116,7 @@ def check_equal_hf(a, b, what):
     assert sorted(x) == sorted(y), f"{what}: names differ"
     bad = [k for k in x if not torch.equal(x[k], y[k])]
     assert not bad, f"{what}: tensors differ: {bad}"
-    print(f"CHECK {what} bit-identical {len(x)} tensors", flush=True)
+    say(f"CHECK {what} bit-identical {len(x)} tensors")
 
 
 def check_gather_all_replicas(model, layout, hf_dir):
@@ -130,7 +132,7 @@ def check_gather_all_replicas(model, layout, hf_dir):
     if layout.tp_rank == 0 and layout.pp_rank == 0:
         bad = [k for k in src if not torch.equal(got[k], src[k])]
         assert not bad, f"rank {layout.rank}: gathered tensors differ: {bad}"
-        print(f"CHECK gather_all rank{layout.rank} dp{layout.dp_rank} {len(got)} tensors {nb} buckets", flush=True)
+        say(f"CHECK gather_all rank{layout.rank} dp{layout.dp_rank} {len(got)} tensors {nb} buckets")
     else:
         assert all(v is None for v in got.values()), "non-destination ranks must get (name, None)"
 
@@ -143,7 +145,7 @@ def compare(name, loss, grads, ref):
     worst = max((g - rgrads[k]).abs().max().item() / rgrads[k].abs().max().clamp_min(1e-30).item()
                 for k, g in grads.items())
     assert worst <= 1e-5, f"{name}: gradient rel diff {worst:.2e}"
-    print(f"CHECK {name} loss={loss:.6f} ref={rloss:.6f} rel={rel:.1e} grad_rel={worst:.1e} n={len(grads)}", flush=True)
+    say(f"CHECK {name} loss={loss:.6f} ref={rloss:.6f} rel={rel:.1e} grad_rel={worst:.1e} n={len(grads)}")
 
 
 def main(mode, work):
@@ -165,7 +167,7 @@ def main(mode, work):
                 export_hf(model, layout, os.path.join(work, "hf_from_tp1"), load_hf_config(hf[tie]), log=None)
         ref["rm"] = rm_scores(hf[True], layout, save=os.path.join(work, "ckpt_rm_tp1"))
         torch.save(ref, os.path.join(work, "ref.pt"))
-        print(f"CHECK ref losses {ref[False][0]:.6f} {ref[True][0]:.6f}", flush=True)
+        say(f"CHECK ref losses {ref[False][0]:.6f} {ref[True][0]:.6f}")
         destroy_parallel()
     elif mode == "layouts":
         ref = torch.load(os.path.join(work, "ref.pt"))
@@ -191,7 +193,7 @@ def main(mode, work):
                 scores = rm_scores(hf[True], layout, ckpt=os.path.join(work, "ckpt_rm_tp1"))
                 diff = (scores - ref["rm"]).abs().max().item() / ref["rm"].abs().max().item()
                 assert scores.shape == (MB, S, 1) and diff <= 1e-5, f"token RM at TP=2: rel diff {diff}"
-                print(f"CHECK rm_tp2 rank{layout.rank} diff={diff:.1e}", flush=True)
+                say(f"CHECK rm_tp2 rank{layout.rank} diff={diff:.1e}")
             destroy_parallel(keep_process_group=True)
         dist.destroy_process_group()
     elif mode == "reload":

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node 4 train_step_worker.py invariance <workdir>
     python -m torch.distributed.run --nproc_per_node 2 train_step_worker.py behaviour <workdir>
 
-Each check prints one `CHECK <name> <value>` line from rank 0; the pytest side asserts on them.
+Each check prints one `CHECK <name> <value>` line (from rank 0, or the rank that holds the value) in
+one write; the pytest side asserts on them.
 The HF checkpoints and the reference gradients are written by the pytest process beforehand.
 """
 
@@ -16,6 +17,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from helpers.say import say
+
 
 # (tp, pp, micro-batch token budget) on 4 ranks: the PP layouts run several variable-length
 # micro-batches through 1F1B; TP2xDP2 packs each rank's share into one row; DP4 gives every
@@ -25,7 +28,7 @@ LAYOUTS = [(2, 2, 30), (2, 1, 4096), (1, 2, 20), (1, 1, 24)]
 
 def _say(layout, *parts) -> None:
     if layout.rank == 0:
-        print("CHECK", *parts, flush=True)
+        say("CHECK", *parts)
 
 
 def _setup(tp, pp, hf_cfg, policy_dir, rm_head=None, ref_dir=None, dtype="fp32"):
@@ -114,7 +117,7 @@ def invariance(workdir: str) -> None:
         if layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0:
             want = oracle["rm_head_grad"]
             rel = ((head - want).abs().max() / want.abs().max()).item()
-            print("CHECK", "rm_head_rel", tag, rel, flush=True)
+            say("CHECK", "rm_head_rel", tag, rel)
         del trainer, policy, rm, reference
         dist.barrier()
         _teardown()

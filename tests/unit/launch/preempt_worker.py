@@ -55,6 +55,7 @@ def dist(args) -> int:
     from datetime import timedelta
 
     import torch.distributed as torch_dist
+    from helpers.say import say
 
     from megatron_oreal.launch.env import dist_env
 
@@ -72,7 +73,7 @@ def dist(args) -> int:
         code = finish_preemption(env.rank == 0, torch_dist.barrier, environ={}) if preempt.should_stop() else 0
         line = {"rank": env.rank, "stop_step": step, "requested": preempt.requested,
                 "signal": preempt.signal_name, "code": code}  # fmt: skip
-    print(json.dumps(line), flush=True)
+    say(json.dumps(line))  # one write: the two ranks share torchrun's stdout
     torch_dist.destroy_process_group()
     return 0
 
