@@ -55,6 +55,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # NGC's PIP_CONSTRAINT pins its own torch build; ours (written below) pins the PyPI one instead.
 # Kernels only for H100 (sm_90): a fraction of the build time and size of all architectures.
+# FP32 (not power-of-2) FP8 block scales on Hopper: what TE reads at import and the rollout quantiser writes.
 ENV PIP_CONSTRAINT="" \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -63,6 +64,7 @@ ENV PIP_CONSTRAINT="" \
     NVTE_FRAMEWORK=pytorch \
     FLASH_ATTN_CUDA_ARCHS="90" \
     CUDA_DEVICE_MAX_CONNECTIONS=1 \
+    NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 \
     TOKENIZERS_PARALLELISM=false \
     PYTHONUNBUFFERED=1
 

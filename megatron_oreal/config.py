@@ -126,6 +126,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     distributed_optimizer: bool = False
+    # torch.distributed collective timeout: how long a rank waits in a collective whose peer died
+    # without its process exiting (a launcher that kills the job on one bad exit ends it sooner).
+    timeout_minutes: int = 30
 
 
 @dataclass
@@ -293,6 +296,7 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
         "rollout.sampling.max_new_tokens": cfg.rollout.sampling.max_new_tokens,
         "parallel.tensor": cfg.parallel.tensor,
         "parallel.pipeline": cfg.parallel.pipeline,
+        "parallel.timeout_minutes": cfg.parallel.timeout_minutes,
         "policy.micro_batch_tokens": cfg.policy.micro_batch_tokens,
     }
     for key, value in positive.items():
@@ -302,6 +306,15 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
         raise ConfigError("rollout.sampling.n: RLOO needs at least 2 samples per prompt")
     if not 0.0 < cfg.rollout.sampling.top_p <= 1.0:
         raise ConfigError(f"rollout.sampling.top_p: must be in (0, 1], got {cfg.rollout.sampling.top_p}")
+    if cfg.rollout.engine == "sglang" and command == "train":
+        # One SGLang engine per TP group of stage 0, fed that group's shards (runtime.py, docs/gpu.md §3).
+        if cfg.rollout.tensor_parallel_size != cfg.parallel.tensor:
+            raise ConfigError(f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must equal "
+                              f"parallel.tensor ({cfg.parallel.tensor}) with rollout.engine=sglang: each engine "
+                              "is co-located with one tensor-parallel group")
+        if cfg.rollout.tensor_parallel_size > 8:
+            raise ConfigError(f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} > 8; an engine "
+                              "must fit on one node's NVLink domain")
     if command == "sft":
         if cfg.policy.optim.warmup_steps >= cfg.sft.steps:
             raise ConfigError(f"policy.optim.warmup_steps ({cfg.policy.optim.warmup_steps}) must be smaller "

@@ -75,7 +75,8 @@ class Run:
         self.run_dir = Path(cfg.run_dir)
         self.hf_config = read_hf_config(cfg.policy.hf_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
-        self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed)
+        self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,
+                                                        timeout_minutes=cfg.parallel.timeout_minutes)
         self.rank = layout.rank
         if layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

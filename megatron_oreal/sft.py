@@ -71,7 +71,8 @@ def run_sft(cfg: RunConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
     # The data first: a bad pair file fails before any process group or model exists.
     data = load_pairs(s.train_file, tokenizer, s.prompt_key, s.response_key, cfg.data.system_prompt, s.add_eos)
-    layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed)
+    layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,
+                                                        timeout_minutes=cfg.parallel.timeout_minutes)
     try:
         model = build_policy(hf_config, layout, dtype=cfg.policy.dtype)
         load_hf_weights(model, cfg.policy.hf_path, layout)

@@ -98,3 +98,22 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         parse_override("steps")
     with pytest.raises(ConfigError, match="steps: expected an integer"):
         load_config(None, ["steps.x=1"])
+
+
+def test_sglang_engine_must_match_the_training_tensor_parallel_size():
+    # One SGLang engine per TP group of stage 0: a different engine TP would get the wrong shards.
+    base = ["rollout.engine=sglang", "parallel.tensor=4"]
+    with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel_size \(2\) must equal parallel\.tensor \(4\)"):
+        load_config(None, [*base, "rollout.tensor_parallel_size=2"])
+    assert load_config(None, [*base, "rollout.tensor_parallel_size=4"]).rollout.tensor_parallel_size == 4
+    with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel_size: 16 > 8"):
+        load_config(None, ["rollout.engine=sglang", "parallel.tensor=16", "rollout.tensor_parallel_size=16"])
+    # The CPU engine holds whole weights: its TP setting is not used, so nothing is checked.
+    assert load_config(None, ["parallel.tensor=2", "rollout.tensor_parallel_size=1"]).parallel.tensor == 2
+
+
+def test_collective_timeout_is_configurable_and_positive():
+    assert load_config(None).parallel.timeout_minutes == 30
+    assert load_config(None, ["parallel.timeout_minutes=5"]).parallel.timeout_minutes == 5
+    with pytest.raises(ConfigError, match=r"parallel\.timeout_minutes: must be > 0, got 0"):
+        load_config(None, ["parallel.timeout_minutes=0"])
