@@ -67,11 +67,21 @@ class Workload:
     rm_has_vocab_head: bool = False  # OREAL's RM replaces the V×h output layer with h→1
     optimizer_steps: int = 1  # optimizer steps per RL step (micro-batches are split across them)
     sync_bucket_mb: int = 512
+    # True for this trainer (runtime.py: one engine per replica, on its stage-0 TP group); False for
+    # systems whose engines span every GPU whatever the training PP (NeMo-RL's vLLM, for the checks).
+    engines_on_first_stage: bool = True
     assumptions: Assumptions = field(default_factory=Assumptions)
 
     @property
     def dp(self) -> int:
         return self.n_gpus // (self.tp * self.pp)
+
+    @property
+    def engines(self) -> int:
+        """Rollout engines: one per `rollout_tp` GPUs of the first pipeline stage only (runtime.py puts
+        one engine on each replica's stage-0 TP group), so the other stages wait during rollout."""
+        stages = self.pp if self.engines_on_first_stage else 1
+        return max(self.n_gpus // (self.rollout_tp * stages), 1)
 
     def check(self) -> None:
         if self.n_gpus % (self.tp * self.pp):
@@ -173,9 +183,12 @@ def memory_table(w: Workload) -> dict:
 
 
 def rollout_seconds(w: Workload, kv_tokens: float) -> dict:
-    """Decode-bound generation time of one engine (all engines run in parallel on equal shares)."""
+    """Decode-bound generation time of one engine (all engines run in parallel on equal shares).
+
+    Engines run on the first pipeline stage only (runtime.py: one per model-parallel replica, on the
+    TP group of stage 0), so with PP > 1 the other stages' GPUs wait during rollout."""
     a, g, A = w.arch, w.gpu, w.assumptions
-    engines = w.n_gpus // w.rollout_tp
+    engines = w.engines
     per_engine = math.ceil(w.samples / engines)
     seq = w.prompt_tokens + w.mean_response_tokens
     conc = max(1.0, min(per_engine, kv_tokens / seq))  # sequences decoding together (KV-bound)

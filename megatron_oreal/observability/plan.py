@@ -88,7 +88,7 @@ def format_plan(w: Workload, est: dict, steps: int) -> str:
              f"GQA {a.heads}/{a.kv_heads}, V={a.vocab}",
              f"cluster: {w.n_gpus} x {w.gpu.name} ({hbm:.1f} GiB)  train TP{w.tp} PP{w.pp} DP{w.dp}"
              f"{' FP8' if w.fp8 else ''}{' recompute' if w.recompute else ''}  rollout TP{w.rollout_tp} "
-             f"({w.n_gpus // w.rollout_tp} engines{', FP8' if w.rollout_weight_bytes < 2 else ''})",
+             f"({w.engines} engines{', FP8' if w.rollout_weight_bytes < 2 else ''})",
              "", f"{'memory per GPU':<26}{'GiB':>8}  note"]
     for name, b in mem["components"].items():
         lines.append(f"{name:<26}{b / GIB:>8.2f}  {_NOTES.get(name, '')}")

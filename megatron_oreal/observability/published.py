@@ -61,7 +61,8 @@ def _nemo_rl(model: str, gpus: int, tp: int, pp: int, rollout_tp: int, recompute
                  prompt_tokens=prompt, mean_response_tokens=mean_seq - prompt, max_response_tokens=max_len - prompt,
                  train_sequences=samples, trained_models=1,
                  fwd_only_passes=2.0,  # previous-policy log-probs + reference log-probs (GRPO with KL)
-                 optimizer_steps=samples // 512)  # train global batch 512 sequences
+                 optimizer_steps=samples // 512,  # train global batch 512 sequences
+                 engines_on_first_stage=False)  # NeMo-RL's vLLM engines use every GPU at any training PP
     est = step_estimate(w)
     src = "NeMo-RL v0.5 docs/about/performance-summary.md (peer_systems.md §5)"
     label = f"NeMo-RL GRPO {model}, {gpus}×H100 BF16"

@@ -58,6 +58,19 @@ def test_time_model_directions():
     assert 0.2 < e["train"]["mfu"] < 0.45
 
 
+def test_pipeline_stages_beyond_the_first_host_no_engine():
+    """Engines sit on each replica's stage-0 TP group: 128 GPUs at TP8 PP2 run 128 / (8 x 2) = 8 engines,
+    each with twice the samples of the PP1 layout's 16, so rollout is slower and throughput lower."""
+    a, g = arch_by_name("qwen2.5-32b"), gpu_by_name("h100-80g")
+    pp1 = Workload(a, g, 128, tp=8, pp=1, rollout_tp=8, samples=1024, mean_response_tokens=4000,
+                   max_response_tokens=8000, train_sequences=96, micro_batch_tokens=16384)
+    pp2 = replace(pp1, pp=2)
+    assert (pp1.engines, pp2.engines) == (16, 8)
+    r1, r2 = (step_estimate(w)["rollout"] for w in (pp1, pp2))
+    assert r2["concurrency"] == pytest.approx(2 * r1["concurrency"])  # KV pools hold all 128 per engine
+    assert r2["seconds"] > r1["seconds"]
+
+
 def test_oreal_workload_from_config():
     cfg = load_config(None, ["parallel.tensor=4", "policy.recompute=true"])
     w = plan.workload_from_config(cfg, Q7, "h100-80g", 32)
