@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 
@@ -75,6 +76,10 @@ class RunCheckpointer:
                 _write_json(tmp / "state.json", {"step": step, **state})
         except OSError as exc:  # ENOSPC, EIO, ...: the previous checkpoint stays published
             failure = exc
+        except CheckpointException as exc:
+            # A write failed inside a distributed (Megatron/torch DCP) save. DCP gathers every rank's
+            # write result, so all ranks raise this at the same point and meet again below.
+            failure = OSError(_describe_dcp_failure(exc))
         failed = _any_rank(failure is not None)
         if failed:
             if self.rank == 0:
@@ -189,6 +194,19 @@ def restore_rng(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _describe_dcp_failure(exc: CheckpointException) -> str:
+    """'write failed on rank 1: No space left on device' from DCP's {rank: (exception, traceback)}; the
+    details exist on the coordinator only, the other ranks say so."""
+    failures = getattr(exc, "failures", None) or {}
+    if not failures:
+        return "a rank's write failed (the coordinating rank's error has the details)"
+    parts = []
+    for rank in sorted(failures):
+        err = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        parts.append(f"rank {rank}: {str(err).removeprefix('Worker failure: ')}")
+    return "write failed on " + "; ".join(parts)
 
 
 def _any_rank(flag: bool) -> bool:
