@@ -138,7 +138,7 @@ class RunCheckpointer:
                 read(path / component)
             except CheckpointError:
                 raise
-            except Exception as exc:  # name the part that failed, keep the cause
+            except (Exception, CheckpointException) as exc:  # name the part that failed (DCP raises a BaseException)
                 raise CheckpointError(f"{path / component}: cannot load {component}: {exc}") from exc
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
