@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, finish_preemption
+from megatron_oreal.launch.signals import PreemptionHandler, finish_preemption
 
 
 def _stage(seconds: float, on_half=None) -> float:

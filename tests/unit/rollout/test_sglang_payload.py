@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
