@@ -13,7 +13,7 @@ its own data/ with every problem of each split, so its numbers will not match ex
 2. SFT data from the imperfect teacher (drops the sign of negative intermediate results on 60 % of
    the problems that pass through one; examples/tiny/README.md says why);
 3. a random 0.6 M-parameter Qwen2 with the character tokenizer, then `python -m megatron_oreal sft`
-   on that data (the project's own Megatron stack) -> examples/tiny/model.
+   on that data (the project's own Megatron stack) -> OUT/model.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from megatron_oreal.data import arith  # noqa: E402
 from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model  # noqa: E402
@@ -78,7 +79,8 @@ def write_sft(path: Path, train: list[str], steps: int, batch: int, seed: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="examples/tiny")
+    parser.add_argument("--out", default="runs/tiny_made",
+                        help="writes OUT/model and OUT/data (never the shipped examples/tiny unless asked)")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -92,7 +94,7 @@ def main() -> int:
         stats = write_sft(tmp / "sft.jsonl", train, args.steps, args.batch, args.seed)
         print(f"{len(train)} train problems; SFT pairs {stats}", flush=True)
         make_random_tiny_model(tmp / "init", seed=args.seed, size=SIZE)
-        cmd = [sys.executable, "-m", "megatron_oreal", "sft", str(out / "sft.yaml"),
+        cmd = [sys.executable, "-m", "megatron_oreal", "sft", str(REPO / "examples" / "tiny" / "sft.yaml"),
                f"policy.hf_path={tmp / 'init'}", f"sft.train_file={tmp / 'sft.jsonl'}", f"run_dir={tmp / 'sft'}",
                f"sft.steps={args.steps}", f"sft.batch_size={args.batch}", f"policy.optim.lr={args.lr}",
                f"policy.optim.min_lr={args.lr / 10}", f"seed={args.seed}"]
