@@ -3,9 +3,11 @@ tools/calibrate_tiny.py, which made the shipped examples/tiny/model in plain PyT
 
     python tools/make_tiny_model.py --out runs/tiny_made [--steps 800] [--seed 0]
 
-Not yet measured end to end (its SFT was stopped unfinished on a loaded machine): evaluate what it
-makes with `python -m megatron_oreal eval` before using it in place of the shipped model. It writes
-its own data/ with every problem of each split, so its numbers will not match examples/tiny/README.md.
+Measured end to end on 2 idle CPU cores (seed 0, defaults): 939 s, final SFT NLL 0.023; greedy
+pass@1 on examples/tiny/data/heldout.jsonl 71.8 % (the shipped model: 72.5 %), and the demo config
+started from it (`policy.hf_path=runs/tiny_made/model`) went 71.8 % -> 89.0 % in 60 steps
+(examples/tiny/README.md §0). It writes its own data/ (every problem of each split, held-out by the
+same hash), so evaluate on either held-out file: neither stage sees a held-out problem.
 
 1. prompts: the built-in arithmetic task (megatron_oreal/data/arith.py, 1-digit operands, 2 operators);
    data/train.jsonl holds train-split problems only, data/heldout.jsonl the first 1000 held-out
