@@ -23,7 +23,9 @@
 # Versions (checked against PyPI with `pip download --no-deps` / `pip index versions`, 2026-11):
 #   * SGLang 0.5.21 is the newest release that pins torch==2.13.0, the torch of the CPU path
 #     (requirements.txt); it also pins transformers==5.12.1 and tokenizers==0.22.2, which therefore
-#     win inside this image (the CPU path pins transformers 5.23.0). sglang 0.5.5 pinned torch 2.8.0.
+#     win inside this image (the CPU path pins transformers 5.23.0; the CPU suite's fast tests, the
+#     TP2xPP2 weight sync, the TP1 e2e run and the demo test also pass under 5.12.1 + tokenizers
+#     0.22.2, checked 2026-11-22). sglang 0.5.5 pinned torch 2.8.0.
 #   * PyPI torch 2.13.0 is built for CUDA 13.0 (cuda-toolkit 13.0.3, NCCL 2.29.7, cuDNN 9.20).
 #   * Transformer Engine: megatron-core 0.16.1's own extra asks for transformer-engine>=2.9.0a0,<2.12.0;
 #     2.11.0 is the newest in that range (transformer_engine_torch is an sdist built here against torch).
