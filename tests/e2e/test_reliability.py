@@ -15,12 +15,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from helpers.session import run_in_session
+from helpers.tiny_run import assert_same_weights, exported_weights
 
 from megatron_oreal.data import arith
 from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
@@ -63,25 +65,10 @@ def train(cfg, run_dir, *overrides, fault: str = "", timeout: float = 240) -> su
     if fault:
         env["OREAL_TEST_FAULT"] = fault
     cmd = [sys.executable, str(MAIN), "train", str(cfg), f"run_dir={run_dir}", *overrides]
-    # Files, not pipes: orphans of a killed run (verifier pool, checkpoint writers) keep pipes open.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            try:  # end the whole session: the run itself if it timed out, and any orphans of a kill -9
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    res, timed_out = run_in_session(cmd, env, timeout)  # leftovers of a kill -9 are killed with the session
     if timed_out:
-        raise AssertionError(f"train timed out after {timeout}s\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        raise AssertionError(f"train timed out after {timeout}s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -98,16 +85,6 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
-def weights(run_dir: Path) -> dict:
-    return {k: v for f in sorted((run_dir / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs (max {(a[k] - b[k]).abs().max()})"
-
-
 def no_traceback(res) -> None:
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
@@ -120,7 +97,7 @@ def reference(assets):
     summary = json.loads((run_dir / "summary.json").read_text())
     recs = records(run_dir)
     assert [r["step"] for r in recs] == [1, 2, 3] and all(len(r["uids"]) == 2 for r in recs)
-    return run_dir, weights(run_dir), recs, summary
+    return run_dir, exported_weights(run_dir), recs, summary
 
 
 @pytest.mark.slow
@@ -158,7 +135,7 @@ def test_kills_sigterm_and_full_disk_resume_bit_identical(assets, reference):
     res = ok(train(cfg, run_dir))
     assert "resumed from" in res.stdout and "step_000002" in res.stdout
     assert latest(run_dir) == "step_000003"
-    assert_same_weights(weights(run_dir), ref_w)  # bit-identical final weights
+    assert_same_weights(exported_weights(run_dir), ref_w)  # bit-identical final weights
     assert records(run_dir) == ref_recs  # same prompts per step, same rewards, same kept sequences
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("eval_history", "eval_pass1_initial", "eval_pass1_best", "eval_best_step"):
@@ -178,7 +155,7 @@ def test_nonfinite_loss_skips_updates_then_aborts(assets):
     assert "step 3: non-finite loss/policy, policy/grad_norm, policy/skipped: update skipped (3 in a row" in res.stdout
     assert [r["skipped"] for r in records(run_dir)] == [True, True, True]
     start = {k: v for f in (root / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
-    assert_same_weights(weights(run_dir), start)
+    assert_same_weights(exported_weights(run_dir), start)
 
     res = train(cfg, root / "nan_abort", "algo.negative_loss_factor=.nan", "algo.max_nonfinite_steps=2")
     assert res.returncode == 1

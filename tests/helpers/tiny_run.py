@@ -31,3 +31,17 @@ log: {{html_every: {html_every}}}
 reward: {{workers: 1}}
 """)
     return cfg
+
+
+def exported_weights(run_dir: Path) -> dict:
+    """The tensors of RUN_DIR/hf (every safetensors shard)."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((run_dir / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Bit-identical: same names, dtypes and values."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs (max {(a[k] - b[k]).abs().max()})"

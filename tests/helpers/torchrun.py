@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
+
+from helpers.session import run_in_session
 
 
 def free_port() -> int:
@@ -34,29 +33,14 @@ def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | 
     # The repo for megatron_oreal, tests/ for `from helpers.say import say` in the workers.
     paths = (repo, os.path.join(repo, "tests"), full_env.get("PYTHONPATH", ""))
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    # Files, not pipes: orphans of a killed worker (verifier pool, checkpoint writers) would hold a
-    # pipe open and make communicate() wait for them. The session is killed once torchrun is done.
-    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=full_env, start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun on timeout, and any leftover of its workers
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        out_f.seek(0), err_f.seek(0)
-        out, err = out_f.read(), err_f.read()
+    res, timed_out = run_in_session(cmd, full_env, timeout)
+    out, err = res.stdout, res.stderr
     if timed_out:
         raise AssertionError(f"torchrun {script} (nproc={nproc}) timed out after {timeout}s\n"
                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-6000:]}")
-    if proc.returncode != 0:
+    if res.returncode != 0:
         raise AssertionError(
-            f"torchrun {script} (nproc={nproc}) exited {proc.returncode}\n"
+            f"torchrun {script} (nproc={nproc}) exited {res.returncode}\n"
             f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-8000:]}"
         )
     return out

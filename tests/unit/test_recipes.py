@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.layout import single_rank_layout
+
 from megatron_oreal.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -169,11 +171,8 @@ def test_sampler_logprobs_travel_to_train_sequences():
 
 @pytest.fixture(scope="module")
 def layout():
-    from megatron_oreal.mcore.parallel import destroy_parallel, init_parallel
-
-    lay = init_parallel(1, 1, seed=11)
-    yield lay
-    destroy_parallel()
+    with single_rank_layout(seed=11) as lay:
+        yield lay
 
 
 def test_cpu_engine_logprobs_match_megatron_after_sync(tmp_path, layout):

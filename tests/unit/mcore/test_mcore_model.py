@@ -11,16 +11,14 @@ import os
 import pytest
 import torch
 
+from helpers.layout import single_rank_layout
 from helpers.tiny_hf import make_tiny_llama, make_tiny_qwen2
 
 
 @pytest.fixture(scope="module")
 def layout():
-    from megatron_oreal.mcore.parallel import destroy_parallel, init_parallel
-
-    lay = init_parallel(1, 1, seed=7)
-    yield lay
-    destroy_parallel()
+    with single_rank_layout(seed=7) as lay:
+        yield lay
 
 
 def _hf_logits(hf_dir, ids):
