@@ -74,6 +74,7 @@ def math_verify_cases(repo: str, commit: str) -> list[dict]:
 
 
 def _key(answer: str) -> str:
+    answer = re.sub(r"^\s*[A-Za-z]\s*=", "", str(answer))  # `x=5` and `5` state the same value
     return re.sub(r"\s+|\$|\\!|\\,|\\left|\\right|\\dfrac|\\frac|\\text\{[^}]*\}", "", str(answer))
 
 

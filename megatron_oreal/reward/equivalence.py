@@ -43,8 +43,12 @@ _OPEN = "([{"
 _CLOSE = ")]}"
 _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\end\{\1\}$", re.S)
 _RELATION_RE = re.compile(r"\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|<=|>=|≤|≥|<|>")
-_OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|\\(?:quad|qquad)|;")
-_VAR = r"[a-zA-Z](?:_\{?\w+\}?)?"
+_OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|(?<=[)\]}])\s*(?:or|and)\s*(?=[(\[{])|\\(?:quad|qquad)|;")
+# Clock times `1:00`, `12:30 pm`: compared as times, never as ratios or numbers.
+_CLOCK_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(?:\\text\{\s*)?([ap])?\.?\s*(?:m\.?)?\s*\}?$", re.I)
+# `2\begin{pmatrix}..`, `\frac12 \cdot \begin{bmatrix}..`: a scalar times a matrix.
+_SCALED_MATRIX_RE = re.compile(r"^(-?(?:\d+(?:\.\d+)?|\\frac\{\d+\}\{\d+\}))\s*(?:\\cdot|\\times|\*)?\s*(\\begin\{.*)$", re.S)
+_VAR = r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?"  # x, x_1, f(x) (not |x|)
 
 
 def split_top(s: str, sep: str) -> list[str]:
@@ -164,8 +168,9 @@ def _interval_equal(p, g) -> bool:
 
 def _items(s: str) -> tuple[str, list[str]] | None:
     """('set'|'tuple'|'list', items) for `\\{a, b\\}`, `(a, b, c)`/`[a, b]`, `a, b` / `a or b`."""
-    if _wrapped(s, "\\{", "\\}"):
-        items = [x for x in split_top(s[2:-2], ",") if x]
+    if _wrapped(s, "\\{", "\\}") or (_wrapped(s, "{", "}") and len(split_top(s[1:-1], ",")) > 1):
+        inner = s[2:-2] if s.startswith("\\{") else s[1:-1]  # `{1,2,3}`: a set whose `\{` got lost
+        items = [x for x in split_top(inner, ",") if x]
         # `\{1 \pm \sqrt 5, -2\}` holds three roots
         return "set", [y for x in items for y in ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if x.count("\\pm") == 1 else (x,))]
     for left, right in (("(", ")"), ("[", "]"), ("\\langle", "\\rangle")):
@@ -173,7 +178,7 @@ def _items(s: str) -> tuple[str, list[str]] | None:
             inner = split_top(s[len(left) : len(s) - len(right)], ",")
             if len(inner) > 1:
                 return "tuple" + left, inner
-    parts = [p for p in split_top(s, ",") if p]
+    parts = [q.strip() for p in split_top(s, ",") if p for q in _OR_RE.split(p) if q.strip()]  # `21, 16 or 11`
     if len(parts) == 1 and s.count("\\pm") == 1:  # `1 \pm \sqrt 2` is the list of both roots
         parts = [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
     if len(parts) == 1:
@@ -240,12 +245,50 @@ def scalar_equal(pred: str, gold: str) -> bool:
 
 
 def answers_equal(pred: str, gold: str) -> bool:
-    """Full comparison: matrices, interval unions, inequalities, sets, tuples, lists, scalars."""
+    """Full comparison: matrices, interval unions, inequalities, sets, tuples, lists, scalars.
+
+    When the written forms differ and either side names what it equals (`f(x)=1`, `(p,q)=(3,2)`,
+    `x = 5+5+1 = 11`; see `names.value_of`), the stated values are compared as well.
+    """
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
+    if _answers_equal(pred, gold):
+        return True
+    from megatron_oreal.reward.names import value_of
+
+    p, g = clean(pred), clean(gold)
+    vp, vg = value_of(p), value_of(g)
+    if vp != p and vg != g and _names(p) != _names(g):
+        return False  # `a = 3` against `b = 3`: both name what they state, and the names differ
+    return (vp, vg) != (p, g) and _answers_equal(vp, vg)
+
+
+def _names(s: str) -> str:
+    """The left-hand sides of `s`'s assignments, for comparing what two answers name."""
+    return ";".join(re.sub(r"\s+", "", part.split("=", 1)[0]) for part in split_top(s, ",") if "=" in part)
+
+
+def _clock(s: str) -> tuple | None:
+    m = _CLOCK_RE.match(s)
+    if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), (m.group(4) or "").lower()
+
+
+def _answers_equal(pred: str, gold: str) -> bool:
     p, g = clean(pred), clean(gold)
     if compact(p) == compact(g):
         return True
+    pc, gc = _clock(p), _clock(g)
+    if pc is not None and gc is not None:
+        return pc == gc  # `1:00` is not `12:00` (nor the ratio 1:0)
+    for side in (p, g):
+        if (m := _SCALED_MATRIX_RE.match(side)) and _matrix(m.group(2).strip()) is not None:
+            scaled = _matrix(m.group(2).strip())
+            body = " \\\\ ".join(" & ".join(f"{m.group(1)} \\cdot ({c})" for c in row) for row in scaled)
+            text = f"\\begin{{pmatrix}}{body}\\end{{pmatrix}}"
+            if len(text) <= MAX_ANSWER_CHARS:
+                p, g = (text, g) if side is p else (p, text)
     if _is_prose(g):
         return plain_text(p) == plain_text(g)
     if parse_number(g) is not None:  # `1,000` is a number, not a list
@@ -258,6 +301,8 @@ def answers_equal(pred: str, gold: str) -> bool:
         gi = [_interval(g)]  # gold `(a, b)` against `a < x < b`: read the gold as an interval
     if gi is not None:
         pi = _intervals(p)
+        if pi is None and _interval(p) is not None and not _RELATION_RE.search(p):
+            pi = [_interval(p)]  # gold `-793 < a < 10` against `(-793, 10)`
         if pi is not None:
             return _unordered(pi, gi, _interval_equal)
         if _RELATION_RE.search(p) and _RELATION_RE.search(g):  # `-x > -1` vs `x < 1`: let sympy solve

@@ -24,11 +24,14 @@ STOPPED = {None, "stop", "eos", "stop_word", "end_turn"}
 
 
 def _gold_answer(gold: str) -> str:
-    """Datasets sometimes store the gold as a whole solution; take its box if it has one."""
+    """Datasets sometimes store the gold as a whole solution; take its box if it has one.
+
+    Several boxes in the gold's final part (`\\boxed{1} and \\boxed{2}`) are together the answer.
+    """
     if "boxed" in gold or "fbox" in gold:
         boxes = extract_answers(gold)
         if boxes:
-            return boxes[-1]
+            return ", ".join(boxes) if len(boxes) > 1 else boxes[-1]
     return gold.strip()
 
 
