@@ -102,6 +102,8 @@ def _close(a, b, decimals: int | None) -> bool:
 def expr_equal(a, b, decimals: int | None = None) -> bool:
     """Value equality of two sympy expressions (no relations, sets or matrices)."""
     try:
+        if any(x.has(sympy.zoo, sympy.nan) for x in (a, b)):
+            return False  # `1:0` or 1/0 is no value; zoo == zoo must not make two answers equal
         diff = a - b
         if diff == 0:
             return True
