@@ -40,6 +40,8 @@ def guard(s: str) -> bool:
     """True when `s` is small and tame enough to hand to the parser and sympy."""
     if len(s) > MAX_ANSWER_CHARS or "__" in s or any(c in s for c in "\"`;@"):
         return False
+    if s.count(":") > 8 or s.count("=") > 8:
+        return False  # ratio or relation chains that long are no answer; each costs a parse
     depth = peak = 0
     for ch in s:
         depth += (ch in "{([") - (ch in "})]")
