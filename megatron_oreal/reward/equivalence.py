@@ -295,8 +295,9 @@ def _answers_equal(pred: str, gold: str) -> bool:
     if _is_prose(g):
         return plain_text(p) == plain_text(g)
     if parse_number(g) is not None:  # `1,000` is a number, not a list
-        if parse_number(p) is None and _items(p) is not None:
-            return False  # a list against one number (no sympy on a list)
+        if parse_number(p) is None and (_items(p) is not None or _interval(p) is not None
+                                        or _matrix(p) is not None or _RELATION_RE.search(p)):
+            return False  # a list, interval, matrix or inequality against one number: no sympy
         return scalar_equal(p, g)
     gm, pm = _matrix(g), _matrix(p)
     if gm is not None or pm is not None:
