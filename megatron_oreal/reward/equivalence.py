@@ -6,7 +6,8 @@ Policy (the choices a grader has to make, written down once):
 - Tolerance only where the gold writes a rounded decimal: gold with d fraction digits accepts a
   prediction that rounds to it (|pred - gold| <= 0.5*10^-d) provided the prediction is more precise
   (more digits, or an exact form such as 1/3, \\pi, \\sqrt 2). Gold 3.14 takes 3.1416 and \\pi but not
-  3.1 or 3.15; gold 0.33 takes 1/3. A gold integer or fraction takes no tolerance at all.
+  3.1 or 3.15; gold 0.33 takes 1/3. Conversely an exact gold (1/12, 8/3) takes a decimal of at least
+  4 fraction digits that is it correctly rounded (0.0833, 2.6667), never a shorter one (0.083, 2.67).
 - `(a, b)` is a tuple or an open interval: either way compared in order with matching brackets.
   `\\{...\\}` and bare comma lists (`1, 2`) are unordered; `\\cup` unions are unordered.
 - A single-row or single-column matrix equals the tuple of its entries.
@@ -45,6 +46,8 @@ _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\
 _RELATION_RE = re.compile(r"\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|<=|>=|≤|≥|<|>")
 _OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|(?<=[)\]}])\s*(?:or|and)\s*(?=[(\[{])|\\(?:quad|qquad)|;")
 _MAX_RELATIONS = 8
+# A decimal prediction with at least this many fraction digits may be an exact gold rounded.
+_MIN_ROUNDED_DECIMALS = 4
 # Clock times `1:00`, `12:30 pm`: compared as times, never as ratios or numbers.
 _CLOCK_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(?:\\text\{\s*)?([ap])?\.?\s*(?:m\.?)?\s*\}?$", re.I)
 # `2\begin{pmatrix}..`, `\frac12 \cdot \begin{bmatrix}..`: a scalar times a matrix.
@@ -204,6 +207,9 @@ def _numbers_equal(p: Num, g: Num) -> bool:
             return True
     elif (p.value / 100 if p.percent else p.value) == (g.value / 100 if g.percent else g.value):
         return True  # 25% vs 0.25
+    if g.decimals is None and p.decimals is not None and p.decimals >= _MIN_ROUNDED_DECIMALS:
+        # `0.0833333` for 1/12, `2.6667` for 8/3: the exact gold correctly rounded to the digits given
+        return abs(p.value - g.value) <= Fraction(1, 2 * 10**p.decimals)
     return g.decimals is not None and _rounds_to(p.value, p.decimals, g)
 
 

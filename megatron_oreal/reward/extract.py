@@ -24,7 +24,7 @@ _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$\n]+?)\$|\\\((.+?)\\\)|\\\[(.+?
 # The answer is at the end: maths spans are looked for in this many trailing characters only.
 _SPAN_TAIL = 2000
 # A number as a last resort: optional sign, digits with optional thousands groups, optional decimal.
-_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?![\d/]))?|-?\.\d+")  # `2/3` is one number
 # Three words in a row: a sentence, not a bare answer (`the number is 10 which is 1,000.99`).
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 # Bare answers (the brief lets `solution` be just the final answer) are used whole when this short.

@@ -36,6 +36,9 @@ _TEXT_AFTER_NUMBER_RE = re.compile(
     r"^([+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+|\\frac\{\d+\}\{\d+\}))\s*\\(?:text|mbox|textrm|mathrm)\{\s*[A-Za-z][A-Za-z .-]*\}(?:\^\{?[23]\}?)?$")
 _PERCENT_WORD_RE = re.compile(r"(?<=\d)\s*(?:pct|percentage|per\s*cent)\.?$", re.IGNORECASE)
 _PAREN_NUMBER_RE = re.compile(r"^(?:\\text(?:bf|rm)?\{)?\s*\(\s*([+-]?\d+(?:\.\d+)?)\s*\)\s*\}?$")
+_DOUBLED_COMMAND_RE = re.compile(
+    r"(?<!\\)\\\\(?=(?:le|leq|ge|geq|lt|gt|ne|neq|frac|dfrac|left|right|sqrt|cdot|times|pi|infty|in|cup|cap|"
+    r"text|mathrm|boxed|pm|circ)\b)")
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|\\displaystyle\b|\\left\b|\\right\b|\\big[lr]?\b|\\Big[lr]?\b")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°")
 
@@ -62,6 +65,7 @@ class Num:
 def clean(s: str) -> str:
     """Surface clean-up that never changes a value: delimiters, spacing, `\\dfrac`, units, degrees."""
     s = s.strip()
+    s = _DOUBLED_COMMAND_RE.sub(r"\\", s)  # `\\le`, `\\frac` (a JSON-escaped backslash written twice)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()  # `\( 42 \)`, `\[ 42 \]` delimiters
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("\\{", "\x01").replace("\\}", "\x02")
