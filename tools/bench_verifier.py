@@ -104,6 +104,7 @@ def slowest(cases: list[dict], n: int) -> list[tuple[float, dict]]:
     """Each case judged alone in this process (no pool), slowest first: the time-limit check."""
     from megatron_oreal.reward.judge import judge
 
+    judge(r"\boxed{x^2+2x+1}", "(x+1)^2")  # imports sympy and the parser, as the pool's forkserver does
     times = []
     for c in cases:
         t = time.perf_counter()
