@@ -180,6 +180,26 @@ def equations_equal(a, b) -> bool:
     return all(abs(r - ratios[0]) <= sympy.Float("1e-15", 30) * (1 + abs(ratios[0])) for r in ratios)
 
 
+# `\sum_{k=0}^{n-1}`: a sum or product whose bounds hold a letter.
+_SYMBOLIC_SUM_RE = re.compile(r"\\(?:sum|prod)\s*_\s*\{[^{}]*\}\s*\^\s*(?:\{[^{}]*[A-Za-z][^{}]*\}|[A-Za-z])")
+
+
+def _sum_key(s: str) -> tuple:
+    """Text key for answers holding a symbolic sum: per `=` side, its space-separated factors sorted.
+
+    The ANTLR fallback needs seconds (tens under load) per such parse and sympy cannot decide
+    equality of symbolic sums in general; so they are compared as written, up to the order of
+    the factors of each side (`F_k F_{n-k-1}` = `F_{n-k-1} F_k`) and spacing.
+    """
+    sides = []
+    for side in s.split("="):
+        head = _SYMBOLIC_SUM_RE.search(side)
+        start = head.end() if head else 0
+        factors = sorted(side[start:].split())
+        sides.append((re.sub(r"\s+", "", side[:start]), tuple(factors)))
+    return tuple(sides)
+
+
 def _symbolic_sum(expr) -> bool:
     try:
         return any(x.free_symbols for x in expr.atoms(sympy.Sum, sympy.Product))
@@ -189,6 +209,8 @@ def _symbolic_sum(expr) -> bool:
 
 def sympy_equal(pred: str, gold: str, decimals: int | None = None) -> bool:
     """Parse both answers and compare; equations and `x = value` are handled here."""
+    if _SYMBOLIC_SUM_RE.search(pred) or _SYMBOLIC_SUM_RE.search(gold):
+        return _sum_key(pred) == _sum_key(gold)
     a, b = to_sympy(pred), to_sympy(gold)
     if a is None or b is None:
         return False

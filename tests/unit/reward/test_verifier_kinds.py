@@ -103,3 +103,13 @@ def test_hedging_rule_default_and_strict():
     assert judge(hedge, "5") == "correct"  # the paper's judge: the last box only
     assert judge(hedge, "5", strict_hedging=True) == "wrong"
     assert judge(r"\boxed{5} so \boxed{5}", "5", strict_hedging=True) == "correct"  # repeating is no hedge
+
+
+@pytest.mark.parametrize("solution,expected", [
+    (r"$F_n = \sum_{k=0}^{n-1} F_{n-k-1} F_k$", True),  # factors in another order
+    (r"$F_n = \sum_{k=0}^{n-2} F_k F_{n-k-2}$", False),
+    (r"$F_n = \sum_{k=1}^{n-1} F_k F_{n-k-1}$", False),
+])
+def test_symbolic_sums_compare_without_parsing(solution, expected):
+    # the ANTLR parse of these took seconds each (a worker timeout under load); now text keys
+    assert verify(solution, r"$F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}$") is expected
