@@ -25,6 +25,7 @@ Policy (the choices a grader has to make, written down once):
 
 from __future__ import annotations
 
+import contextvars
 import re
 from fractions import Fraction
 
@@ -46,6 +47,33 @@ _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\
 _RELATION_RE = re.compile(r"\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|<=|>=|≤|≥|<|>")
 _OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|(?<=[)\]}])\s*(?:or|and)\s*(?=[(\[{])|\\(?:quad|qquad)|;")
 _MAX_RELATIONS = 8
+# Text-only mode (the parent's fast path): set while `text_only_equal` runs.
+_TEXT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("text_only", default=False)
+_TEXT_ONLY_MAX_ITEMS = 64
+
+
+class NeedsSympy(Exception):
+    """Raised in text-only mode where the comparison would go on to sympy."""
+
+
+def _symbolic_allowed() -> None:
+    if _TEXT_ONLY.get():
+        raise NeedsSympy
+
+
+def text_only_equal(pred: str, gold: str) -> bool:
+    """`answers_equal` without sympy: raises NeedsSympy where sympy would be asked.
+
+    Same code path as `answers_equal`, so a True/False here is the answer the full comparison
+    gives. What runs is text work on inputs of at most MAX_ANSWER_CHARS, `Fraction` arithmetic
+    bounded by normalize.MAX_DIGITS/MAX_EXPONENT, and pairings of at most _TEXT_ONLY_MAX_ITEMS
+    items: bounded, so it may run in the parent process (the pool's fast path).
+    """
+    token = _TEXT_ONLY.set(True)
+    try:
+        return answers_equal(pred, gold)
+    finally:
+        _TEXT_ONLY.reset(token)
 # A decimal prediction with at least this many fraction digits may be an exact gold rounded.
 _MIN_ROUNDED_DECIMALS = 4
 # Clock times `1:00`, `12:30 pm`: compared as times, never as ratios or numbers.
@@ -153,6 +181,8 @@ def _unordered(pred: list[str], gold: list[str], eq) -> bool:
     """Multiset match by greedy pairing (answers are short lists, so O(n^2) is fine)."""
     if len(pred) != len(gold):
         return False
+    if _TEXT_ONLY.get() and len(gold) > _TEXT_ONLY_MAX_ITEMS:
+        raise NeedsSympy  # keeps the parent's pairing work small; a worker may take its time
     left = list(pred)
     for g in gold:
         hit = next((i for i, p in enumerate(left) if eq(p, g)), None)
@@ -246,6 +276,7 @@ def scalar_equal(pred: str, gold: str) -> bool:
     if _is_prose(g) or _is_prose(p):
         return plain_text(p) == plain_text(g)
     p, g = p.replace("%", ""), g.replace("%", "")  # both sides written as percentages
+    _symbolic_allowed()
     from megatron_oreal.reward.symbolic import sympy_equal  # lazy: sympy costs ~0.5 s to import
 
     return sympy_equal(p, g, gn.decimals if gn is not None else None)
@@ -318,12 +349,14 @@ def _answers_equal(pred: str, gold: str) -> bool:
         if pi is not None:
             return _unordered(pi, gi, _interval_equal)
         if _RELATION_RE.search(p) and _RELATION_RE.search(g):  # `-x > -1` vs `x < 1`: let sympy solve
+            _symbolic_allowed()
             from megatron_oreal.reward.symbolic import relations_equal
 
             return relations_equal(p, g)
         return False
     if _RELATION_RE.search(g) or (_RELATION_RE.search(p) and _intervals(p) is None):
         # relations the text rules could not turn into intervals (`|x| \ge 3`): solve with sympy
+        _symbolic_allowed()
         from megatron_oreal.reward.symbolic import relations_equal
 
         return relations_equal(p, g)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from megatron_oreal.reward.equivalence import answers_equal, scalar_equal
+from megatron_oreal.reward.equivalence import NeedsSympy, answers_equal, scalar_equal, text_only_equal
 from megatron_oreal.reward.extract import extract_answers, is_truncated, strip_reasoning
 from megatron_oreal.reward.normalize import MAX_ANSWER_CHARS, clean, compact, parse_number
 
@@ -85,7 +85,10 @@ def fast_judge(solution: str, gold: str, stop_word: str | None = None, finish_re
         return "correct" if scalar_equal(pa, ga) else "wrong"
     if gn is not None and len(answers) == 1 and re.fullmatch(r"[\d\s.,+-]+", pa):
         return "wrong"  # a number's gold against bare digits that are not one number (`1, 2`, `3 4`)
-    return None
+    try:  # the text rules alone (bounded: see equivalence.text_only_equal); sympy is a worker's job
+        return _compare(answers, golden, strict_hedging, text_only_equal)
+    except NeedsSympy:
+        return None
 
 
 def judge(solution: str, gold: str, stop_word: str | None = None, finish_reason: str | None = None,
@@ -94,13 +97,17 @@ def judge(solution: str, gold: str, stop_word: str | None = None, finish_reason:
     reason, answers, golden = _prepare(solution, gold, stop_word, finish_reason, strict_hedging)
     if reason is not None:
         return reason
+    return _compare(answers, golden, strict_hedging, answers_equal)
+
+
+def _compare(answers: list[str], golden: str, strict_hedging: bool, equal) -> str:
     try:
-        if answers_equal(answers[-1], golden):
+        if equal(answers[-1], golden):
             return "correct"
         # `\boxed{1}` and `\boxed{2}` for the gold `1, 2`: the final part's boxes together, in order
         if len(answers) > 1 and not strict_hedging:
             joined = ", ".join(answers)
-            if len(joined) <= MAX_ANSWER_CHARS and answers_equal(joined, golden):
+            if len(joined) <= MAX_ANSWER_CHARS and equal(joined, golden):
                 return "correct"
         return "wrong"
     except RecursionError:
