@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not another installed copy
 EXTERNAL = ROOT / "tests" / "assets" / "external"
 DEFAULT_CASES = [EXTERNAL / "math_verify_cases.jsonl", EXTERNAL / "math_data_pairs.jsonl"]
 BENCH_VENV = Path(os.environ.get("MEGATRON_OREAL_BENCH_VENV", Path.home() / ".cache" / "megatron-oreal" / "bench-venv"))
