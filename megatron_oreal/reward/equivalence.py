@@ -192,6 +192,13 @@ def _unordered(pred: list[str], gold: list[str], eq) -> bool:
     return True
 
 
+def _dedup(items: list[str]) -> list[str]:
+    seen: dict[str, str] = {}
+    for item in items:
+        seen.setdefault(compact(clean(item)), item)
+    return list(seen.values())
+
+
 def _ordered(pred: list, gold: list, eq) -> bool:
     return len(pred) == len(gold) and all(eq(p, g) for p, g in zip(pred, gold))
 
@@ -370,7 +377,11 @@ def _answers_equal(pred: str, gold: str) -> bool:
             # a bare `1, 2` may stand for the tuple `(1, 2)`; two different brackets may not
             same = kind_g == kind_p or "list" in (kind_g, kind_p)
             return same and _ordered(ps[1], gs[1], answers_equal)
-        return _unordered(ps[1], gs[1], answers_equal)
+        if _unordered(ps[1], gs[1], answers_equal):
+            return True
+        # "all solutions" listed with a repeat: `(3,17,3,7)` twice is still the same set
+        dp, dg = _dedup(ps[1]), _dedup(gs[1])
+        return (len(dp), len(dg)) != (len(ps[1]), len(gs[1])) and _unordered(dp, dg, answers_equal)
     if _items(p) is not None and parse_number(p) is None:
         return False  # a list or tuple against a single gold value
     return scalar_equal(p, g)

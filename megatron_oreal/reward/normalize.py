@@ -39,6 +39,7 @@ _PAREN_NUMBER_RE = re.compile(r"^(?:\\text(?:bf|rm)?\{)?\s*\(\s*([+-]?\d+(?:\.\d
 _DOUBLED_COMMAND_RE = re.compile(
     r"(?<!\\)\\\\(?=(?:le|leq|ge|geq|lt|gt|ne|neq|frac|dfrac|left|right|sqrt|cdot|times|pi|infty|in|cup|cap|"
     r"text|mathrm|boxed|pm|circ)\b)")
+_SEMICOLON_TUPLE_RE = re.compile(r"\([^()]*;[^()]*\)")
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|\\displaystyle\b|\\left\b|\\right\b|\\big[lr]?\b|\\Big[lr]?\b")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°")
 
@@ -79,6 +80,8 @@ def clean(s: str) -> str:
     s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt2
     s = s.replace("\x01", "\\{").replace("\x02", "\\}")
     s = _TRAILING_UNIT_RE.sub("", s)
+    if ";" in s:  # `(0;-2;6)`: a semicolon between a tuple's entries is its comma
+        s = _SEMICOLON_TUPLE_RE.sub(lambda m: m.group(0).replace(";", ","), s)
     s = _TEXT_AFTER_NUMBER_RE.sub(r"\1", s)  # `0.06 \text{ yuan}`: any words after a number are a unit
     s = _PERCENT_WORD_RE.sub("%", s)
     s = _PAREN_NUMBER_RE.sub(r"\1", s)  # `\textbf{(113) }` (AIME style) is the number 113

@@ -113,3 +113,13 @@ def test_hedging_rule_default_and_strict():
 def test_symbolic_sums_compare_without_parsing(solution, expected):
     # the ANTLR parse of these took seconds each (a worker timeout under load); now text keys
     assert verify(solution, r"$F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}$") is expected
+
+
+@pytest.mark.parametrize("solution,gold,expected", [
+    (r"\boxed{(3,17,3,7), (17,3,3,7), (3,17,3,7)}", "(17,3,3,7),(3,17,3,7)", True),  # a repeat in a set
+    (r"\boxed{(3,17,3,7), (17,3,3,7), (3,17,3,8)}", "(17,3,3,7),(3,17,3,7)", False),
+    (r"\boxed{(0, -2, 6), (4, 0, 0)}", "(4;0;0),(0;-2;6)", True),  # semicolons inside tuples
+    (r"\boxed{(0, -2, 6), (4, 0, 1)}", "(4;0;0),(0;-2;6)", False),
+])
+def test_solution_sets(solution, gold, expected):
+    assert verify(solution, gold) is expected
