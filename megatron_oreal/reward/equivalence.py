@@ -11,8 +11,13 @@ Policy (the choices a grader has to make, written down once):
 - `(a, b)` is a tuple or an open interval: either way compared in order with matching brackets.
   `\\{...\\}` and bare comma lists (`1, 2`) are unordered; `\\cup` unions are unordered.
 - A single-row or single-column matrix equals the tuple of its entries.
-- `x = 5` equals `5` (a lone symbol on the left); two equations are equal when their sides'
-  differences are proportional. Inequalities in one variable become intervals.
+- `x = 5` equals `5`, and so does any answer that names what it states (`f(x)=5`, `|AB|=5`,
+  `(p,q)=(3,2)`, `S_1:S_2=7:32`, `AB=4, CD=5`, `p=5,q=2; p=7,q=2`; see names.py), unless both sides
+  name different things (`a=3` vs `b=3`); a chain `x = 5+5+1 = 11` states its last value. Two
+  equations are equal when their sides' differences are proportional. Inequalities in one
+  variable (also `0 < f(x) < 1`) become intervals, compared with a bare interval `(0, 1)`.
+- Clock times (`1:00`, `12:30 pm`) are compared as times: `1:00` != `12:00`.
+- A scalar times a matrix is the matrix of products. A set or list may repeat an entry.
 - Base-n gold (`1011_2`) wants the same digits (subscript optional) or the same value in another
   written base; a decimal value alone is wrong (it is usually the question's number).
 - A gold letter A-E (or `(A)`) is a multiple-choice answer: only the predicted letter counts.

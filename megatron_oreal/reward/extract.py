@@ -2,7 +2,8 @@
 
 Follows OREAL's judge (OREAL.md §5.1 steps 1-3): drop the reasoning before the last `<conclude>`,
 `**Final Answer**` and `</think>` (in that order), then take the last `\\boxed{}` with brace
-matching, else "the (final) answer is ...", else the last number. Every scan here is linear in the
+matching, else "the (final) answer is ..." / "Answer \\[ .. \\]", else a short bare answer, else
+the last maths span (`$..$`, `\\(..\\)`) when no number follows it, else the last number. Every scan here is linear in the
 input so 100k-character responses cost milliseconds in the parent process.
 """
 
