@@ -12,7 +12,8 @@ import pytest
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "assets" / "external"
 # file -> minimum accuracy against `expected`
-THRESHOLDS = {"math_verify_cases.jsonl": 0.88, "math_data_pairs.jsonl": 0.99}
+# measured: 246/268 = 0.918 and 1734/1740 = 0.9966
+THRESHOLDS = {"math_verify_cases.jsonl": 0.90, "math_data_pairs.jsonl": 0.99}
 
 
 def _load(name: str) -> list[dict]:
