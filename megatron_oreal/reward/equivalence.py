@@ -384,7 +384,10 @@ def _answers_equal(pred: str, gold: str) -> bool:
             return same and _ordered(ps[1], gs[1], answers_equal)
         if _unordered(ps[1], gs[1], answers_equal):
             return True
-        # "all solutions" listed with a repeat: `(3,17,3,7)` twice is still the same set
+        # "all solutions" listed as tuples with a repeat: `(3,17,3,7)` twice is still the same
+        # solution set (bare values keep multiset semantics: `\{2, 2, 3\}` is not `\{2, 3\}`)
+        if not all(_items(x) is not None and _items(x)[0].startswith("tuple") for x in ps[1] + gs[1]):
+            return False
         dp, dg = _dedup(ps[1]), _dedup(gs[1])
         return (len(dp), len(dg)) != (len(ps[1]), len(gs[1])) and _unordered(dp, dg, answers_equal)
     if _items(p) is not None and parse_number(p) is None:
