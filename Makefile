@@ -28,9 +28,8 @@ test-fast: venv
 demo: venv
 	$(BIN)/python -m megatron_oreal train examples/tiny/oreal.yaml
 
-bench-verifier: venv
-	$(BIN)/pip install -q -r requirements-bench.txt
-	$(BIN)/python tools/bench_verifier.py
+bench-verifier: venv  # Math-Verify goes in its own venv (~/.cache/megatron-oreal/bench-venv), not .venv
+	$(BIN)/python tools/bench_verifier.py --setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

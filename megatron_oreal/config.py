@@ -69,6 +69,9 @@ class RewardConfig:
     timeout_s: float = 5.0
     llm_judge_url: str = ""  # OpenAI-compatible endpoint ("" = rules only)
     llm_judge_model: str = ""
+    # False: the last \boxed{} is the answer (the paper's released judge). True: an earlier boxed
+    # answer in the final part that differs from the last one makes the response wrong.
+    strict_hedging: bool = False
 
 
 @dataclass

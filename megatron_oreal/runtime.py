@@ -130,7 +130,7 @@ class Run:
         cfg = self.cfg
         self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
         self.verifier = Verifier(workers=cfg.reward.workers, timeout=cfg.reward.timeout_s,
-                                 llm_judge=_llm_judge(cfg.reward))
+                                 llm_judge=_llm_judge(cfg.reward), strict_hedging=cfg.reward.strict_hedging)
 
     def sync_weights(self) -> dict[str, float]:
         """Policy (Megatron shards) -> HF tensors -> the engine. Collective."""

@@ -15,6 +15,8 @@ _WARM_CASES = [
     (r"\boxed{(1,2)\cup(3,4)}", r"(1,2)\cup(3,4)"),
     (r"\boxed{\{1,2\}}", r"\{2, 1\}"),
     (r"\boxed{\operatorname{sgn}(x)}", "1"),  # forces the latex2sympy2 fallback once
+    (r"\boxed{\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix}}", r"\begin{pmatrix}1 & 2 \\ 3 & 5\end{pmatrix}"),
+    (r"\boxed{|x| \ge 3}", r"(-\infty,-3]\cup[3,\infty)"),
 ]
 
 for _solution, _gold in _WARM_CASES:

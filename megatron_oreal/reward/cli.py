@@ -20,8 +20,12 @@ class PairsError(ValueError):
 def read_pairs(path: str) -> list[dict]:
     """Parse the JSONL file; the first bad line raises PairsError naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported by number, not as a traceback
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PairsError(f"{path}:{lineno}: not UTF-8 (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

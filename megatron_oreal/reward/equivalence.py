@@ -6,12 +6,18 @@ Policy (the choices a grader has to make, written down once):
 - Tolerance only where the gold writes a rounded decimal: gold with d fraction digits accepts a
   prediction that rounds to it (|pred - gold| <= 0.5*10^-d) provided the prediction is more precise
   (more digits, or an exact form such as 1/3, \\pi, \\sqrt 2). Gold 3.14 takes 3.1416 and \\pi but not
-  3.1 or 3.15; gold 0.33 takes 1/3. A gold integer or fraction takes no tolerance at all.
+  3.1 or 3.15; gold 0.33 takes 1/3. Conversely an exact gold (1/12, 8/3) takes a decimal of at least
+  4 fraction digits that is it correctly rounded (0.0833, 2.6667), never a shorter one (0.083, 2.67).
 - `(a, b)` is a tuple or an open interval: either way compared in order with matching brackets.
   `\\{...\\}` and bare comma lists (`1, 2`) are unordered; `\\cup` unions are unordered.
 - A single-row or single-column matrix equals the tuple of its entries.
-- `x = 5` equals `5` (a lone symbol on the left); two equations are equal when their sides'
-  differences are proportional. Inequalities in one variable become intervals.
+- `x = 5` equals `5`, and so does any answer that names what it states (`f(x)=5`, `|AB|=5`,
+  `(p,q)=(3,2)`, `S_1:S_2=7:32`, `AB=4, CD=5`, `p=5,q=2; p=7,q=2`; see names.py), unless both sides
+  name different things (`a=3` vs `b=3`); a chain `x = 5+5+1 = 11` states its last value. Two
+  equations are equal when their sides' differences are proportional. Inequalities in one
+  variable (also `0 < f(x) < 1`) become intervals, compared with a bare interval `(0, 1)`.
+- Clock times (`1:00`, `12:30 pm`) are compared as times: `1:00` != `12:00`.
+- A scalar times a matrix is the matrix of products. A set or list may repeat an entry.
 - Base-n gold (`1011_2`) wants the same digits (subscript optional) or the same value in another
   written base; a decimal value alone is wrong (it is usually the question's number).
 - A gold letter A-E (or `(A)`) is a multiple-choice answer: only the predicted letter counts.
@@ -24,6 +30,7 @@ Policy (the choices a grader has to make, written down once):
 
 from __future__ import annotations
 
+import contextvars
 import re
 from fractions import Fraction
 
@@ -43,8 +50,42 @@ _OPEN = "([{"
 _CLOSE = ")]}"
 _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^}]*\})?(.*)\\end\{\1\}$", re.S)
 _RELATION_RE = re.compile(r"\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|<=|>=|≤|≥|<|>")
-_OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|\\(?:quad|qquad)|;")
-_VAR = r"[a-zA-Z](?:_\{?\w+\}?)?"
+_OR_RE = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s|(?<=[)\]}])\s*(?:or|and)\s*(?=[(\[{])|\\(?:quad|qquad)|;")
+_MAX_RELATIONS = 8
+# Text-only mode (the parent's fast path): set while `text_only_equal` runs.
+_TEXT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("text_only", default=False)
+_TEXT_ONLY_MAX_ITEMS = 64
+
+
+class NeedsSympy(Exception):
+    """Raised in text-only mode where the comparison would go on to sympy."""
+
+
+def _symbolic_allowed() -> None:
+    if _TEXT_ONLY.get():
+        raise NeedsSympy
+
+
+def text_only_equal(pred: str, gold: str) -> bool:
+    """`answers_equal` without sympy: raises NeedsSympy where sympy would be asked.
+
+    Same code path as `answers_equal`, so a True/False here is the answer the full comparison
+    gives. What runs is text work on inputs of at most MAX_ANSWER_CHARS, `Fraction` arithmetic
+    bounded by normalize.MAX_DIGITS/MAX_EXPONENT, and pairings of at most _TEXT_ONLY_MAX_ITEMS
+    items: bounded, so it may run in the parent process (the pool's fast path).
+    """
+    token = _TEXT_ONLY.set(True)
+    try:
+        return answers_equal(pred, gold)
+    finally:
+        _TEXT_ONLY.reset(token)
+# A decimal prediction with at least this many fraction digits may be an exact gold rounded.
+_MIN_ROUNDED_DECIMALS = 4
+# Clock times `1:00`, `12:30 pm`: compared as times, never as ratios or numbers.
+_CLOCK_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(?:\\text\{\s*)?([ap])?\.?\s*(?:m\.?)?\s*\}?$", re.I)
+# `2\begin{pmatrix}..`, `\frac12 \cdot \begin{bmatrix}..`: a scalar times a matrix.
+_SCALED_MATRIX_RE = re.compile(r"^(-?(?:\d+(?:\.\d+)?|\\frac\{\d+\}\{\d+\}))\s*(?:\\cdot|\\times|\*)?\s*(\\begin\{.*)$", re.S)
+_VAR = r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?"  # x, x_1, f(x) (not |x|)
 
 
 def split_top(s: str, sep: str) -> list[str]:
@@ -145,6 +186,8 @@ def _unordered(pred: list[str], gold: list[str], eq) -> bool:
     """Multiset match by greedy pairing (answers are short lists, so O(n^2) is fine)."""
     if len(pred) != len(gold):
         return False
+    if _TEXT_ONLY.get() and len(gold) > _TEXT_ONLY_MAX_ITEMS:
+        raise NeedsSympy  # keeps the parent's pairing work small; a worker may take its time
     left = list(pred)
     for g in gold:
         hit = next((i for i, p in enumerate(left) if eq(p, g)), None)
@@ -152,6 +195,13 @@ def _unordered(pred: list[str], gold: list[str], eq) -> bool:
             return False
         left.pop(hit)
     return True
+
+
+def _dedup(items: list[str]) -> list[str]:
+    seen: dict[str, str] = {}
+    for item in items:
+        seen.setdefault(compact(clean(item)), item)
+    return list(seen.values())
 
 
 def _ordered(pred: list, gold: list, eq) -> bool:
@@ -164,8 +214,9 @@ def _interval_equal(p, g) -> bool:
 
 def _items(s: str) -> tuple[str, list[str]] | None:
     """('set'|'tuple'|'list', items) for `\\{a, b\\}`, `(a, b, c)`/`[a, b]`, `a, b` / `a or b`."""
-    if _wrapped(s, "\\{", "\\}"):
-        items = [x for x in split_top(s[2:-2], ",") if x]
+    if _wrapped(s, "\\{", "\\}") or (_wrapped(s, "{", "}") and len(split_top(s[1:-1], ",")) > 1):
+        inner = s[2:-2] if s.startswith("\\{") else s[1:-1]  # `{1,2,3}`: a set whose `\{` got lost
+        items = [x for x in split_top(inner, ",") if x]
         # `\{1 \pm \sqrt 5, -2\}` holds three roots
         return "set", [y for x in items for y in ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if x.count("\\pm") == 1 else (x,))]
     for left, right in (("(", ")"), ("[", "]"), ("\\langle", "\\rangle")):
@@ -173,7 +224,7 @@ def _items(s: str) -> tuple[str, list[str]] | None:
             inner = split_top(s[len(left) : len(s) - len(right)], ",")
             if len(inner) > 1:
                 return "tuple" + left, inner
-    parts = [p for p in split_top(s, ",") if p]
+    parts = [q.strip() for p in split_top(s, ",") if p for q in _OR_RE.split(p) if q.strip()]  # `21, 16 or 11`
     if len(parts) == 1 and s.count("\\pm") == 1:  # `1 \pm \sqrt 2` is the list of both roots
         parts = [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
     if len(parts) == 1:
@@ -198,6 +249,9 @@ def _numbers_equal(p: Num, g: Num) -> bool:
             return True
     elif (p.value / 100 if p.percent else p.value) == (g.value / 100 if g.percent else g.value):
         return True  # 25% vs 0.25
+    if g.decimals is None and p.decimals is not None and p.decimals >= _MIN_ROUNDED_DECIMALS:
+        # `0.0833333` for 1/12, `2.6667` for 8/3: the exact gold correctly rounded to the digits given
+        return abs(p.value - g.value) <= Fraction(1, 2 * 10**p.decimals)
     return g.decimals is not None and _rounds_to(p.value, p.decimals, g)
 
 
@@ -234,21 +288,65 @@ def scalar_equal(pred: str, gold: str) -> bool:
     if _is_prose(g) or _is_prose(p):
         return plain_text(p) == plain_text(g)
     p, g = p.replace("%", ""), g.replace("%", "")  # both sides written as percentages
+    _symbolic_allowed()
     from megatron_oreal.reward.symbolic import sympy_equal  # lazy: sympy costs ~0.5 s to import
 
     return sympy_equal(p, g, gn.decimals if gn is not None else None)
 
 
 def answers_equal(pred: str, gold: str) -> bool:
-    """Full comparison: matrices, interval unions, inequalities, sets, tuples, lists, scalars."""
+    """Full comparison: matrices, interval unions, inequalities, sets, tuples, lists, scalars.
+
+    When the written forms differ and either side names what it equals (`f(x)=1`, `(p,q)=(3,2)`,
+    `x = 5+5+1 = 11`; see `names.value_of`), the stated values are compared as well.
+    """
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
+    # A chain of many relations is no answer form sympy should solve; only its stated value counts.
+    many = pred.count("=") > _MAX_RELATIONS or gold.count("=") > _MAX_RELATIONS
+    if not many and _answers_equal(pred, gold):
+        return True
+    from megatron_oreal.reward.names import value_of
+
+    p, g = clean(pred), clean(gold)
+    vp, vg = value_of(p), value_of(g)
+    if vp != p and vg != g and _names(p) != _names(g):
+        return False  # `a = 3` against `b = 3`: both name what they state, and the names differ
+    return (vp, vg) != (p, g) and _answers_equal(vp, vg)
+
+
+def _names(s: str) -> str:
+    """The left-hand sides of `s`'s assignments, for comparing what two answers name."""
+    return ";".join(re.sub(r"\s+", "", part.split("=", 1)[0]) for part in split_top(s, ",") if "=" in part)
+
+
+def _clock(s: str) -> tuple | None:
+    m = _CLOCK_RE.match(s)
+    if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), (m.group(4) or "").lower()
+
+
+def _answers_equal(pred: str, gold: str) -> bool:
     p, g = clean(pred), clean(gold)
     if compact(p) == compact(g):
         return True
+    pc, gc = _clock(p), _clock(g)
+    if pc is not None and gc is not None:
+        return pc == gc  # `1:00` is not `12:00` (nor the ratio 1:0)
+    for side in (p, g):
+        if (m := _SCALED_MATRIX_RE.match(side)) and _matrix(m.group(2).strip()) is not None:
+            scaled = _matrix(m.group(2).strip())
+            body = " \\\\ ".join(" & ".join(f"{m.group(1)} \\cdot ({c})" for c in row) for row in scaled)
+            text = f"\\begin{{pmatrix}}{body}\\end{{pmatrix}}"
+            if len(text) <= MAX_ANSWER_CHARS:
+                p, g = (text, g) if side is p else (p, text)
     if _is_prose(g):
         return plain_text(p) == plain_text(g)
     if parse_number(g) is not None:  # `1,000` is a number, not a list
+        if parse_number(p) is None and (_items(p) is not None or _interval(p) is not None
+                                        or _matrix(p) is not None or _RELATION_RE.search(p)):
+            return False  # a list, interval, matrix or inequality against one number: no sympy
         return scalar_equal(p, g)
     gm, pm = _matrix(g), _matrix(p)
     if gm is not None or pm is not None:
@@ -258,15 +356,19 @@ def answers_equal(pred: str, gold: str) -> bool:
         gi = [_interval(g)]  # gold `(a, b)` against `a < x < b`: read the gold as an interval
     if gi is not None:
         pi = _intervals(p)
+        if pi is None and _interval(p) is not None and not _RELATION_RE.search(p):
+            pi = [_interval(p)]  # gold `-793 < a < 10` against `(-793, 10)`
         if pi is not None:
             return _unordered(pi, gi, _interval_equal)
         if _RELATION_RE.search(p) and _RELATION_RE.search(g):  # `-x > -1` vs `x < 1`: let sympy solve
+            _symbolic_allowed()
             from megatron_oreal.reward.symbolic import relations_equal
 
             return relations_equal(p, g)
         return False
     if _RELATION_RE.search(g) or (_RELATION_RE.search(p) and _intervals(p) is None):
         # relations the text rules could not turn into intervals (`|x| \ge 3`): solve with sympy
+        _symbolic_allowed()
         from megatron_oreal.reward.symbolic import relations_equal
 
         return relations_equal(p, g)
@@ -280,7 +382,14 @@ def answers_equal(pred: str, gold: str) -> bool:
             # a bare `1, 2` may stand for the tuple `(1, 2)`; two different brackets may not
             same = kind_g == kind_p or "list" in (kind_g, kind_p)
             return same and _ordered(ps[1], gs[1], answers_equal)
-        return _unordered(ps[1], gs[1], answers_equal)
+        if _unordered(ps[1], gs[1], answers_equal):
+            return True
+        # "all solutions" listed as tuples with a repeat: `(3,17,3,7)` twice is still the same
+        # solution set (bare values keep multiset semantics: `\{2, 2, 3\}` is not `\{2, 3\}`)
+        if not all(_items(x) is not None and _items(x)[0].startswith("tuple") for x in ps[1] + gs[1]):
+            return False
+        dp, dg = _dedup(ps[1]), _dedup(gs[1])
+        return (len(dp), len(dg)) != (len(ps[1]), len(gs[1])) and _unordered(dp, dg, answers_equal)
     if _items(p) is not None and parse_number(p) is None:
         return False  # a list or tuple against a single gold value
     return scalar_equal(p, g)

@@ -2,7 +2,8 @@
 
 Follows OREAL's judge (OREAL.md §5.1 steps 1-3): drop the reasoning before the last `<conclude>`,
 `**Final Answer**` and `</think>` (in that order), then take the last `\\boxed{}` with brace
-matching, else "the (final) answer is ...", else the last number. Every scan here is linear in the
+matching, else "the (final) answer is ..." / "Answer \\[ .. \\]", else a short bare answer, else
+the last maths span (`$..$`, `\\(..\\)`) when no number follows it, else the last number. Every scan here is linear in the
 input so 100k-character responses cost milliseconds in the parent process.
 """
 
@@ -14,9 +15,19 @@ import re
 REASONING_MARKERS = ("<conclude>", "**Final Answer**", "</think>")
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
-_ANSWER_IS_RE = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(
+    r"(?:final\s+answer|the\s+answer)\s*(?:is\s*:?|:)\s*"
+    r"|\banswer\s*+(?:is\s*+:?|:)?\s*+(?=\\\[|\\\(|\$)",  # `Answer \[ 9 \]`, `Answer: $9$`
+    re.IGNORECASE,
+)
+# Display/inline maths spans; `.` excludes newlines only in `$..$` (a `$` pair across lines is prose).
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$\n]+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+# The answer is at the end: maths spans are looked for in this many trailing characters only.
+_SPAN_TAIL = 2000
 # A number as a last resort: optional sign, digits with optional thousands groups, optional decimal.
-_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?![\d/]))?|-?\.\d+")  # `2/3` is one number
+# Three words in a row: a sentence, not a bare answer (`the number is 10 which is 1,000.99`).
+_PROSE_RE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 # Bare answers (the brief lets `solution` be just the final answer) are used whole when this short.
 _BARE_ANSWER_MAX = 200
 _MAX_BOXES = 16
@@ -102,10 +113,28 @@ def _answer_is(text: str) -> str | None:
         m = re.match(r"\$\$?((?:\\\$|[^$])+)\$", rest)
         if m:
             return m.group(1).strip() or None
+    if rest.startswith(("\\[", "\\(")):  # `Answer \[ 9 \]`, `Answer \( 9 \)`
+        m = _MATH_SPAN_RE.match(rest[:_SPAN_TAIL])
+        if m:
+            return next(g for g in m.groups() if g is not None).strip() or None
     line = rest.split("\n", 1)[0].strip()
     line = re.split(r"\.\s", line, maxsplit=1)[0]  # first sentence
     line = line.strip("$ ").rstrip(".").strip("$ ")
+    # `Final Answer: The largest $n$ is 34`: the sentence names its subject, the value follows `is`
+    if re.match(r"[A-Za-z]+\s", line) and " is " in line:
+        line = line.rsplit(" is ", 1)[1].strip("$ ")
     return line or None
+
+
+def _last_math_span(text: str) -> str | None:
+    """The last `$..$`, `$$..$$`, `\\(..\\)` or `\\[..\\]` of the response's tail."""
+    tail = text[-_SPAN_TAIL:]
+    last = None
+    for last in _MATH_SPAN_RE.finditer(tail):
+        pass
+    if last is None or re.search(r"\d", tail[last.end() :]):
+        return None  # a number after the last span (`$400 + $60 = 460`: `$` as currency) comes later
+    return next(g for g in last.groups() if g is not None).strip() or None
 
 
 def _last_number(text: str) -> str | None:
@@ -137,9 +166,15 @@ def extract_answers(text: str) -> list[str]:
     if said is not None:
         return [said]
     bare = text.strip().strip("$").strip()
-    if bare and len(bare) <= _BARE_ANSWER_MAX and "\n" not in bare:
+    prose = _PROSE_RE.search(bare) is not None and "\\" not in bare
+    if bare and len(bare) <= _BARE_ANSWER_MAX and "\n" not in bare and "$" not in bare and not prose:
         return [bare]
+    span = _last_math_span(text)  # `Therefore $x \geq 5$ is the solution.`
+    if span is not None:
+        return [span]
     number = _last_number(text)
+    if number is None and prose and len(bare) <= _BARE_ANSWER_MAX and "\n" not in bare:
+        return [bare]  # `no solution exists`: words are the answer when there is no number
     return [number] if number is not None else []
 
 

@@ -32,6 +32,14 @@ _TRAILING_UNIT_RE = re.compile(
     re.IGNORECASE,
 )
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|textrm|operatorname|mathit)\s*\{([^{}]*)\}")
+_TEXT_AFTER_NUMBER_RE = re.compile(
+    r"^([+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+|\\frac\{\d+\}\{\d+\}))\s*\\(?:text|mbox|textrm|mathrm)\{\s*[A-Za-z][A-Za-z .-]*\}(?:\^\{?[23]\}?)?$")
+_PERCENT_WORD_RE = re.compile(r"(?<=\d)\s*(?:pct|percentage|per\s*cent)\.?$", re.IGNORECASE)
+_PAREN_NUMBER_RE = re.compile(r"^(?:\\text(?:bf|rm)?\{)?\s*\(\s*([+-]?\d+(?:\.\d+)?)\s*\)\s*\}?$")
+_DOUBLED_COMMAND_RE = re.compile(
+    r"(?<!\\)\\\\(?=(?:le|leq|ge|geq|lt|gt|ne|neq|frac|dfrac|left|right|sqrt|cdot|times|pi|infty|in|cup|cap|"
+    r"text|mathrm|boxed|pm|circ)\b)")
+_SEMICOLON_TUPLE_RE = re.compile(r"\([^()]*;[^()]*\)")
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|\\displaystyle\b|\\left\b|\\right\b|\\big[lr]?\b|\\Big[lr]?\b")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°")
 
@@ -58,6 +66,7 @@ class Num:
 def clean(s: str) -> str:
     """Surface clean-up that never changes a value: delimiters, spacing, `\\dfrac`, units, degrees."""
     s = s.strip()
+    s = _DOUBLED_COMMAND_RE.sub(r"\\", s)  # `\\le`, `\\frac` (a JSON-escaped backslash written twice)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()  # `\( 42 \)`, `\[ 42 \]` delimiters
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("\\{", "\x01").replace("\\}", "\x02")
@@ -67,9 +76,16 @@ def clean(s: str) -> str:
     s = s.replace("\\circ", "")
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)  # \frac3{3}
     s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt2
     s = s.replace("\x01", "\\{").replace("\x02", "\\}")
     s = _TRAILING_UNIT_RE.sub("", s)
+    if ";" in s:  # `(0;-2;6)`: a semicolon between a tuple's entries is its comma
+        s = _SEMICOLON_TUPLE_RE.sub(lambda m: m.group(0).replace(";", ","), s)
+    s = _TEXT_AFTER_NUMBER_RE.sub(r"\1", s)  # `0.06 \text{ yuan}`: any words after a number are a unit
+    s = _PERCENT_WORD_RE.sub("%", s)
+    s = _PAREN_NUMBER_RE.sub(r"\1", s)  # `\textbf{(113) }` (AIME style) is the number 113
+    s = s.replace("\\neq", "\\ne").replace("!=", "\\ne ").replace("≠", "\\ne ").replace("\\lt ", "<").replace("\\gt ", ">")
     s = re.sub(r"^(?:[a-zA-Z]\w*\s*(?:\\in|∈)\s*)", "", s)  # `x \in [1,2]` -> `[1,2]`
     s = re.sub(r"\\varnothing|\\\{\s*\\\}|\\O\b", r"\\emptyset", s)
     s = re.sub(r"\\mathbb\s*\{?R\}?|\\R\b", r"(-\\infty,\\infty)", s)  # all reals

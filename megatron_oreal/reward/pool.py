@@ -52,7 +52,7 @@ def as_case(item: Any) -> Case:
     return Case(*item)
 
 
-def _worker_main(conn: Connection, stop_word: str | None) -> None:
+def _worker_main(conn: Connection, stop_word: str | None, strict_hedging: bool = False) -> None:
     # A no-op when the forkserver preloaded it; warms this worker if the forkserver was started
     # earlier by someone else (then our preload list was never applied).
     import megatron_oreal.reward._forkserver_preload  # noqa: F401
@@ -70,7 +70,7 @@ def _worker_main(conn: Connection, stop_word: str | None) -> None:
             return
         idx, solution, gold, finish_reason = msg
         try:
-            reason = judge(solution, gold, stop_word, finish_reason)
+            reason = judge(solution, gold, stop_word, finish_reason, strict_hedging)
         except Exception:  # a bug of ours must not take the batch down; it is wrong, and logged
             log.exception("verifier error on case %d", idx)
             reason = "error"
@@ -78,9 +78,9 @@ def _worker_main(conn: Connection, stop_word: str | None) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, stop_word: str | None):
+    def __init__(self, ctx, stop_word: str | None, strict_hedging: bool):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, stop_word), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, stop_word, strict_hedging), daemon=True)
         self.proc.start()
         child.close()
         self.job: tuple[int, float] | None = None  # (case index, deadline)
@@ -96,19 +96,23 @@ class Verifier:
 
     `stop_word`: OREAL.md §5.1 truncation rule (a response not ending with it is `truncated`).
     `llm_judge`: optional `LLMJudge`, asked only for cases the rules call wrong or answerless.
+    `strict_hedging`: score a final part with an earlier differing `\\boxed{}` wrong; default False
+    scores the last box only (the paper's released judge; see `judge._prepare`).
     Workers start from a forkserver, so a script using this needs the `if __name__ == "__main__":`
     guard, as with any non-fork multiprocessing.
     """
 
-    def __init__(self, workers: int = 2, timeout: float = 5.0, stop_word: str | None = None, llm_judge=None):
+    def __init__(self, workers: int = 2, timeout: float = 5.0, stop_word: str | None = None, llm_judge=None,
+                 strict_hedging: bool = False):
         self.timeout = timeout
+        self.strict_hedging = strict_hedging
         self.stop_word = stop_word
         self.llm_judge = llm_judge
         self.counts: collections.Counter[str] = collections.Counter()
         self._deaths = 0
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
-        self._workers = [_Worker(self._ctx, stop_word) for _ in range(workers)]
+        self._workers = [_Worker(self._ctx, stop_word, strict_hedging) for _ in range(workers)]
 
     def __enter__(self) -> Verifier:
         return self
@@ -138,7 +142,7 @@ class Verifier:
         todo = collections.deque()
         for i, c in enumerate(cases):
             try:
-                reasons[i] = fast_judge(c.solution, c.gold, self.stop_word, c.finish_reason)
+                reasons[i] = fast_judge(c.solution, c.gold, self.stop_word, c.finish_reason, self.strict_hedging)
             except Exception:
                 reasons[i] = None  # let a worker try (and time out if it must)
             if reasons[i] is None:
@@ -154,7 +158,7 @@ class Verifier:
     def _run(self, cases: list[Case], todo: collections.deque, reasons: list) -> None:
         if not self._workers:
             for i in todo:  # workers=0: in-process, no time limit (debugging)
-                reasons[i] = judge(cases[i].solution, cases[i].gold, self.stop_word, cases[i].finish_reason)
+                reasons[i] = judge(cases[i].solution, cases[i].gold, self.stop_word, cases[i].finish_reason, self.strict_hedging)
             return
         while todo or any(w.job for w in self._workers):
             for w in self._workers:
@@ -201,7 +205,7 @@ class Verifier:
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
-        fresh = _Worker(self._ctx, self.stop_word)
+        fresh = _Worker(self._ctx, self.stop_word, self.strict_hedging)
         self._workers[self._workers.index(w)] = fresh
 
     def _rescue(self, cases: list[Case], results: list[Result]) -> list[Result]:

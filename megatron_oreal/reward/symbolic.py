@@ -12,6 +12,7 @@ deep nesting); the pool's kill-based timeout is the backstop for anything it mis
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -40,6 +41,8 @@ def guard(s: str) -> bool:
     """True when `s` is small and tame enough to hand to the parser and sympy."""
     if len(s) > MAX_ANSWER_CHARS or "__" in s or any(c in s for c in "\"`;@"):
         return False
+    if s.count(":") > 8 or s.count("=") > 8:
+        return False  # ratio or relation chains that long are no answer; each costs a parse
     depth = peak = 0
     for ch in s:
         depth += (ch in "{([") - (ch in "})]")
@@ -68,8 +71,13 @@ def _exact_decimals(s: str) -> str:
     return _DECIMAL_RE.sub(lambda m: f"\\frac{{{m.group(1)}{m.group(2)}}}{{1{'0' * len(m.group(2))}}}", s)
 
 
+@functools.lru_cache(maxsize=512)
 def to_sympy(s: str):
-    """Parse one LaTeX answer into sympy, or None (unparseable or refused by `guard`)."""
+    """Parse one LaTeX answer into sympy, or None (unparseable or refused by `guard`).
+
+    Cached: a case compares the same text more than once (written form, then stated value), and
+    the ANTLR fallback costs tens of milliseconds a parse. sympy objects are immutable.
+    """
     if not guard(s):
         return None
     try:
@@ -102,6 +110,8 @@ def _close(a, b, decimals: int | None) -> bool:
 def expr_equal(a, b, decimals: int | None = None) -> bool:
     """Value equality of two sympy expressions (no relations, sets or matrices)."""
     try:
+        if any(x.has(sympy.zoo, sympy.nan) for x in (a, b)):
+            return False  # `1:0` or 1/0 is no value; zoo == zoo must not make two answers equal
         diff = a - b
         if diff == 0:
             return True
@@ -170,12 +180,46 @@ def equations_equal(a, b) -> bool:
     return all(abs(r - ratios[0]) <= sympy.Float("1e-15", 30) * (1 + abs(ratios[0])) for r in ratios)
 
 
+# `\sum_{k=0}^{n-1}`: a sum or product whose bounds hold a letter.
+_SYMBOLIC_SUM_RE = re.compile(r"\\(?:sum|prod)\s*_\s*\{[^{}]*\}\s*\^\s*(?:\{[^{}]*[A-Za-z][^{}]*\}|[A-Za-z])")
+
+
+def _sum_key(s: str) -> tuple:
+    """Text key for answers holding a symbolic sum: per `=` side, its space-separated factors sorted.
+
+    The ANTLR fallback needs seconds (tens under load) per such parse and sympy cannot decide
+    equality of symbolic sums in general; so they are compared as written, up to the order of
+    the factors of each side (`F_k F_{n-k-1}` = `F_{n-k-1} F_k`) and spacing.
+    """
+    sides = []
+    for side in s.split("="):
+        head = _SYMBOLIC_SUM_RE.search(side)
+        start = head.end() if head else 0
+        factors = sorted(side[start:].split())
+        sides.append((re.sub(r"\s+", "", side[:start]), tuple(factors)))
+    return tuple(sides)
+
+
+def _symbolic_sum(expr) -> bool:
+    try:
+        return any(x.free_symbols for x in expr.atoms(sympy.Sum, sympy.Product))
+    except Exception:
+        return False
+
+
 def sympy_equal(pred: str, gold: str, decimals: int | None = None) -> bool:
     """Parse both answers and compare; equations and `x = value` are handled here."""
+    if _SYMBOLIC_SUM_RE.search(pred) or _SYMBOLIC_SUM_RE.search(gold):
+        return _sum_key(pred) == _sum_key(gold)
     a, b = to_sympy(pred), to_sympy(gold)
     if a is None or b is None:
         return False
     try:
+        if _symbolic_sum(a) or _symbolic_sum(b):
+            # a sum/product with symbolic limits (`\sum_{k=0}^{n-1} F_k F_{n-k-1}`): evaluating or
+            # simplifying it can take minutes; compare the canonical trees (term order is canonical;
+            # printed, since the two parses may give same-named symbols different assumptions)
+            return a == b or str(a) == str(b)
         ea, eb = relation_sides(a), relation_sides(b)
         if ea and eb:
             return equations_equal(a, b)

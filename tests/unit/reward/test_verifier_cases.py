@@ -46,3 +46,14 @@ def test_pure_function_agrees_on_fast_categories():
     cases = [c for c in load_cases() if c["category"] in fast]
     wrong = [c for c in cases if verify(c["solution"], c["gold"]) != c["expected"]]
     assert not wrong, wrong
+
+
+def test_strict_hedging_option():
+    """Cases whose label depends on the hedging rule: correct by default (last box), wrong when strict."""
+    from megatron_oreal.reward.judge import judge
+
+    cases = [c for c in load_cases() if "strict_expected" in c]
+    assert len(cases) >= 5
+    for c in cases:
+        assert (judge(c["solution"], c["gold"]) == "correct") == c["expected"], c
+        assert (judge(c["solution"], c["gold"], strict_hedging=True) == "correct") == c["strict_expected"], c

@@ -40,3 +40,11 @@ def test_missing_field(tmp_path, capsys):
 def test_missing_file(tmp_path, capsys):
     assert main(["--pairs", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"solution": "1", "gold": "1"}\n{"solution": "caf\xe9", "gold": "1"}\n')
+    assert main(["--pairs", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}:2: not UTF-8 (byte 18 of the line)"]

@@ -92,3 +92,28 @@ def test_injection_runs_nothing_in_workers(tmp_path, pool):
     results = pool.verify_batch(pairs)
     assert not any(r.correct for r in results)
     assert not os.path.exists(marker)
+
+
+def test_fast_path_never_imports_sympy_and_is_quick():
+    """The pool's parent-side fast path (judge.fast_judge) stays text-only and bounded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from megatron_oreal.reward.judge import fast_judge\n"
+        "from verifier_pathological import CASES\n"
+        "rows = [json.loads(l) for f in sorted(Path('tests/assets/external').glob('*.jsonl')) for l in f.read_text().splitlines()]\n"
+        "cases = [(r['solution'], r['gold']) for r in rows] + [(s, g) for _, s, g in CASES]\n"
+        "worst = 0.0\n"
+        "for s, g in cases:\n"
+        "    t = time.perf_counter(); fast_judge(s, g); worst = max(worst, time.perf_counter() - t)\n"
+        "print('sympy' in sys.modules, worst)\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"  # no case made the parent import sympy
+    assert float(out[1]) < LIMIT

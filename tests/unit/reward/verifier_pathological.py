@@ -45,4 +45,16 @@ CASES = [
     ("factorial_power", r"\boxed{(1000!)^{9999}}", "1"),  # 25M-digit integer: minutes of bignum work
     ("expand_bomb", r"\boxed{(a+b+c+d+e)^{100}}", "(a+b+c+d+f)^{100}"),
     ("matrix_big", r"\boxed{\begin{pmatrix}" + r"\\".join(["&".join(["1"] * 60)] * 60) + r"\end{pmatrix}}", "1"),
+    # gold side and the newer extraction paths (lengths are checked before any regex on both sides)
+    ("gold_spaces_100k", r"\boxed{1}", " " * 100_000),
+    ("gold_spaces_around_word", r"\boxed{1}", "x" + " " * 100_000 + "y"),
+    ("gold_spaces_then_unit", r"\boxed{1}", "1" + " " * 5_000 + r"\text{cm}"),
+    ("gold_giant_text", r"\boxed{1}", "a" * 1_000_000),
+    ("answer_word_spaces", "answer" + " " * 100_000 + "x", "1"),
+    ("dollar_flood", "$" * 100_000, "1"),
+    ("paren_math_flood", "\\(" * 50_000, "1"),
+    ("equals_chain", r"\boxed{" + "x=" * 300 + "1}", "2"),
+    ("assignments_flood", r"\boxed{" + ",".join(["a=1"] * 200) + "}", "1"),
+    ("or_flood", r"\boxed{" + " or ".join(["1"] * 150) + "}", "2"),
+    ("clock_like", r"\boxed{" + "1:00" * 200 + "}", "12:00"),
 ]
