@@ -106,6 +106,9 @@ class ModelConfig:
     hf_path: str = ""  # HF checkpoint folder (config.json, safetensors, tokenizer)
     dtype: str = "bf16"  # fp32 | bf16
     fp8: str = ""  # "" | blockwise | tensorwise (Transformer Engine, GPU only)
+    # On a CUDA machine whose Transformer Engine fails to import: false (default) stops with the import
+    # error; true trains with Megatron's local layer spec (dense attention masks, no FP8).
+    allow_local_spec: bool = False
     recompute: bool = False
     micro_batch_tokens: int = 16384  # token budget per packed micro-batch per rank
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -87,7 +87,7 @@ class Run:
         self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
 
         t0 = time.time()
-        kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)
+        kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8, allow_local_spec=cfg.policy.allow_local_spec)
         if cfg.policy.recompute:  # full activation recompute, as the reference runs (OREAL.md §7)
             kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         policy = build_policy(self.hf_config, layout, **kw)
