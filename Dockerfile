@@ -57,7 +57,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # NGC's PIP_CONSTRAINT pins its own torch build; ours (written below) pins the PyPI one instead.
 # Kernels only for H100 (sm_90): a fraction of the build time and size of all architectures.
-# FP32 (not power-of-2) FP8 block scales on Hopper: what TE reads at import and the rollout quantiser writes.
+# FP32 (not power-of-2) block scales for TE's blockwise FP8 training GEMMs (read at import), as slime's
+# Hopper recipes; unrelated to the rollout quantiser's scales (fp8_param=False, docs/gpu.md §5).
 ENV PIP_CONSTRAINT="" \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -210,9 +210,11 @@ def kernel_fields(*, cuda: bool | None = None, te: bool | None = None, apex_grad
 # the weight sync exports BF16 and re-quantises, sync/fp8.py). first_last_layers_bf16 stays off: the
 # first/last *transformer blocks* go FP8 too, as in slime's and NeMo-RL's FP8 training recipes.
 #   blockwise  (Hopper default): DeepSeek-V3-style 1x128 activation / 128x128 weight blocks, E4M3 for
-#              every tensor, TE >= 2.3 Float8BlockScaling; FP32 (not power-of-2) block scales need
-#              NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 in the environment *before* TE is imported (TE
-#              reads it at class definition), the same scales the rollout quantiser writes.
+#              every tensor, TE >= 2.3 Float8BlockScaling. NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 (read
+#              by TE at import) picks FP32 instead of power-of-2 block scales for the training GEMMs,
+#              as slime's and miles' Hopper recipes do. It is a training-numerics choice only: with
+#              fp8_param=False no TE scale ever reaches the engine (the sync sends BF16 weights and
+#              sync/fp8.py computes its own FP32 block scales), so the two are unrelated.
 #   tensorwise: per-tensor current scaling (Float8CurrentScaling), "hybrid" = E4M3 forward, E5M2
 #              gradients (the wider range a single per-tensor scale needs for gradients).
 FP8_RECIPES: dict[str, dict] = {
@@ -221,7 +223,6 @@ FP8_RECIPES: dict[str, dict] = {
 }
 FP8_COMMON = dict(fp8_param=False, fp8_dot_product_attention=False, fp8_multi_head_attention=False,
                   first_last_layers_bf16=False)
-FP8_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
 
 
 def fp8_config_fields(fp8: str, dtype: str = "bf16") -> dict:
@@ -281,9 +282,6 @@ def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", 
         fields = fp8_config_fields(fp8, dtype)  # validates first: a bad name fails even without a GPU
         if not te_available():
             raise ValueError(f"fp8={fp8!r} needs Transformer Engine and a CUDA GPU")
-        if fp8 == "blockwise" and os.environ.get(FP8_SCALES_ENV) != "1":
-            warnings.warn(f"policy.fp8=blockwise without {FP8_SCALES_ENV}=1: Transformer Engine uses "
-                          "power-of-2 block scales, the rollout quantiser FP32 ones (set it before launch)")
         kwargs.update(fields)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
