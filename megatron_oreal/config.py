@@ -109,6 +109,10 @@ class ModelConfig:
     # On a CUDA machine whose Transformer Engine fails to import: false (default) stops with the import
     # error; true trains with Megatron's local layer spec (dense attention masks, no FP8).
     allow_local_spec: bool = False
+    # Move the policy's and token RM's parameters, gradient buffers and optimizer state to (pinned)
+    # host memory during rollout and evaluation, back before training (mcore/offload.py), so the
+    # engine gets the GPU. Costs two host<->device copies of the train state per step.
+    offload_train_state: bool = False
     recompute: bool = False
     micro_batch_tokens: int = 16384  # token budget per packed micro-batch per rank
     optim: OptimConfig = field(default_factory=OptimConfig)

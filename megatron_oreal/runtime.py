@@ -101,12 +101,18 @@ class Run:
             policy, token_rm, self.reference, layout, cfg.algo, cfg.policy.optim, cfg.token_rm.optim, cfg.steps,
             micro_batch_tokens=cfg.policy.micro_batch_tokens, distributed_optimizer=cfg.parallel.distributed_optimizer,
         )
+        from megatron_oreal.mcore.offload import train_state_offload
+
+        self.offload = train_state_offload(self.trainer, enabled=cfg.policy.offload_train_state, device=layout.device)
         log(f"models ready in {time.time() - t0:.1f}s: {layout}", self.rank)
 
+        # Ranks without an engine wait for the rollout and evaluation in these collectives: gloo
+        # groups, so the wait blocks a CPU thread instead of a NCCL kernel on a GPU SGLang is using.
+        self.host_world = parallel.world_group(gloo=True)
         self.comm = Comm(
             is_engine_rank=layout.tp_rank == 0 and layout.pp_rank == 0,
             engine_src=min(torch.distributed.get_process_group_ranks(parallel.model_parallel_group())),
-            mp_group=parallel.model_parallel_group(),
+            mp_group=parallel.model_parallel_group(gloo=True),
             dp_group=parallel.dp_group(gloo=True) if layout.dp > 1 else None,
             dp_size=layout.dp,
             dp_rank=layout.dp_rank,
@@ -121,6 +127,24 @@ class Run:
         self.writer = MetricsWriter(self.run_dir / "tb", enabled=cfg.log.tensorboard, rank=self.rank)
         self.state = RunState()
         self.synced_once = False
+
+    # ------------------------------------------------------------------ memory choreography
+    # Every move of GPU memory between the trainer and the engine happens in these two calls (and the
+    # `resident` blocks of save/export); train.py calls one before and one after training.
+    def to_training(self) -> None:
+        """Engine memory released, then the train state back on the device."""
+        self.release_engine()
+        moved = self.offload.reload()
+        if moved:
+            log(f"train state reloaded: {moved / 2**30:.2f} GiB", self.rank)
+
+    def to_rollout(self) -> dict[str, float]:
+        """Grads, optimizer state and the token RM leave the device; the weight sync reads the policy
+        (and resumes the engine); then the policy's parameters leave too. Returns the sync metrics."""
+        self.offload.offload("rest")
+        metrics = self.sync_weights()
+        self.offload.offload("policy_params")
+        return metrics
 
     # ------------------------------------------------------------------ engine + weight sync
     def _start_engine(self) -> None:
@@ -141,17 +165,29 @@ class Run:
         if torch.cuda.is_available():  # hand the activations' cached blocks back before the engine resumes
             torch.cuda.empty_cache()
         bucket_bytes = cfg.sync_bucket_mb << 20
-        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes)
-        if not self.comm.is_engine_rank:
-            for _ in source:  # take part in the collectives; the tensors land on the engine rank
+        # SGLang with TP > 1: every TP rank of the first stage sends its own full copy, so SGLang TP
+        # rank i reads trainer TP rank i's buffers on its own GPU (the leader only posts the handles).
+        per_rank = cfg.engine == "sglang" and self.layout.tp > 1
+        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes, every_tp_rank=per_rank)
+        sends = self.comm.is_engine_rank or (per_rank and self.layout.pp_rank == 0)
+        if not sends:
+            for _ in source:  # take part in the collectives; the tensors land on the engine's ranks
                 pass
             return {}
-        transport = SGLangIPCTransport(self.engine) if cfg.engine == "sglang" else InProcessTransport(self.engine)
+        if per_rank:
+            from megatron_oreal.mcore import parallel
+
+            transport = SGLangIPCTransport(self.engine, group=parallel.tp_group(gloo=True),
+                                           leader_rank=self.comm.engine_src)
+        elif cfg.engine == "sglang":
+            transport = SGLangIPCTransport(self.engine)
+        else:
+            transport = InProcessTransport(self.engine)
         flat = ((name, t) for bucket in source for name, t in bucket)
         check = cfg.check_weights_after_first_sync and not self.synced_once
         metrics = sync_weights(flat, transport, fp8=cfg.fp8, bucket_bytes=bucket_bytes, check=check)
         self.synced_once = True
-        return metrics.as_dict()
+        return metrics.as_dict() if self.comm.is_engine_rank else {}
 
     def rollout(self, prompts: list, step: int) -> list:
         """rollout_and_score, restarting a failed engine (re-synced from the policy) and retrying the
@@ -168,7 +204,7 @@ class Run:
                 except Exception as exc:  # any engine failure: the engine is rebuilt, the data is not lost
                     error = f"{type(exc).__name__}: {exc}"
                     print(f"[rank {self.rank}] rollout at step {step + 1} failed: {error}", flush=True)
-            if not agree_any(error is not None):
+            if not agree_any(error is not None, self.host_world):
                 return gather_groups(share_groups(groups, self.comm), self.comm)
             if attempt == limit:
                 break
@@ -187,7 +223,8 @@ class Run:
 
             cfg = self.cfg
             self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
-        self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
+        with self.offload.resident("policy_params"):  # the new engine starts from the HF files: give it
+            self.sync_weights()                       # the trained weights
 
     def release_engine(self) -> None:
         if self.engine is not None:
@@ -299,7 +336,8 @@ class Run:
                  "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row,
                  "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
-        path = self.checkpointer.save(step, writers, state)
+        with self.offload.resident():
+            path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
         return path
 
@@ -324,8 +362,9 @@ class Run:
     def export_hf(self, out_dir: Path) -> None:
         from megatron_oreal.checkpoint.gather import export_hf
 
-        export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
-                  log=lambda m: log(m, self.rank))
+        with self.offload.resident("policy_params"):
+            export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
+                      log=lambda m: log(m, self.rank))
 
     def close(self) -> None:
         self.writer.close()

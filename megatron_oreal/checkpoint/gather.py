@@ -48,9 +48,13 @@ def _plan(spec, pp, te_names, token_rm, elem_bytes, bucket_bytes):
 
 def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: str = "all",
                     source: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+                    dtype: torch.dtype | None = None, every_tp_rank: bool = False) -> Iterator[Bucket]:
     """Yield buckets of (hf_name, full tensor) on destination ranks ((name, None) elsewhere).
 
+    Destinations: TP rank 0 of the first pipeline stage (of every replica, or of the first with
+    replicas="first"); with every_tp_rank, every TP rank of the first stage (the TP all-gather already
+    gives each its full tensors, and later stages send TP rank r's copy to TP rank r of stage 0), so
+    each SGLang TP rank can read its payload from the trainer rank on its own GPU (runtime.sync_weights).
     source: what to gather from each parameter (default its data; e.g. `lambda p: p.grad` gathers
     gradients in HF layout). dtype: cast the gathered tensors (default: keep the parameter dtype).
     """
@@ -70,7 +74,8 @@ def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: s
     active = replicas == "all" or layout.dp_rank == 0
     tp_grp = parallel.tp_group()
     stage_ranks = parallel.pp_ranks()  # global ranks of my (tp_rank) pipeline, stage order
-    is_dst = active and layout.tp_rank == 0 and layout.pp_rank == 0
+    gathers = layout.tp_rank == 0 or every_tp_rank  # builds full tensors from the TP shards
+    is_dst = active and gathers and layout.pp_rank == 0
     dev = torch.device(layout.device)
     for plan in _plan(spec, layout.pp, te_names, token_rm, torch.empty(0, dtype=out_dtype).element_size(), bucket_bytes):
         bucket: Bucket = []
@@ -86,9 +91,9 @@ def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: s
                     dist.all_gather(shards, local, group=tp_grp)
                 else:
                     shards = [local]
-                if layout.tp_rank == 0:
+                if gathers:
                     full = hf_from_shards(e, spec, shards)
-            if active and layout.tp_rank == 0 and stage != 0:
+            if active and gathers and stage != 0:
                 # Stage `stage` -> stage 0 of the same pipeline (the destination), point to point.
                 if layout.pp_rank == stage:
                     for _, t in full:
