@@ -53,6 +53,10 @@ class RolloutConfig:
     engine: str = "cpu"  # registry key: cpu | sglang
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tensor_parallel_size: int = 1  # SGLang engine TP; ranks per engine
+    # One engine on every pipeline stage's TP group (each with the whole model; the weight sync sends
+    # every stage's tensors to every stage), not only on the first: PP times more engines. Meant with
+    # policy.offload_train_state, so each stage's GPUs have room for an engine.
+    engines_on_every_stage: bool = False
     mem_fraction_static: float = 0.6
     sync_bucket_mb: int = 512  # weight-sync bucket size
     fp8: bool = False  # block-quantise Linear weights for an FP8 SGLang engine

@@ -20,7 +20,8 @@ import torch
 from megatron_oreal.checkpoint.resume import RunCheckpointer, fault_point
 from megatron_oreal.config import RunConfig, to_dict
 from megatron_oreal.launch.signals import agree_any
-from megatron_oreal.stages import Comm, EvalResult, evaluate, gather_groups, rollout_and_score, share_groups
+from megatron_oreal.stages import (Comm, EvalResult, engine_share, evaluate, gather_groups, rollout_and_score,
+                                   share_groups)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -109,17 +110,19 @@ class Run:
         # Ranks without an engine wait for the rollout and evaluation in these collectives: gloo
         # groups, so the wait blocks a CPU thread instead of a NCCL kernel on a GPU SGLang is using.
         self.host_world = parallel.world_group(gloo=True)
+        every_stage = cfg.rollout.engines_on_every_stage
         self.comm = Comm(
-            is_engine_rank=layout.tp_rank == 0 and layout.pp_rank == 0,
+            is_engine_rank=layout.tp_rank == 0 and (layout.pp_rank == 0 or every_stage),
             engine_src=min(torch.distributed.get_process_group_ranks(parallel.model_parallel_group())),
             mp_group=parallel.model_parallel_group(gloo=True),
             dp_group=parallel.dp_group(gloo=True) if layout.dp > 1 else None,
             dp_size=layout.dp,
             dp_rank=layout.dp_rank,
+            engines=layout.pp if every_stage else 1,
+            engine_index=layout.pp_rank if every_stage else 0,
         )
         self.engine = self.verifier = None
-        if self.comm.is_engine_rank:
-            self._start_engine()
+        self.start_engines()
         self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
                                             barrier=torch.distributed.barrier)
@@ -137,6 +140,19 @@ class Run:
         moved = self.offload.reload()
         if moved:
             log(f"train state reloaded: {moved / 2**30:.2f} GiB", self.rank)
+
+    def start_engines(self) -> None:
+        """Start this rank's engine. With offload, every rank's train state leaves first: SGLang sizes
+        its KV pool from the GPU memory free when it starts (docs/gpu.md §3), and an engine's TP ranks
+        share GPUs with trainer ranks that may not run an engine. Then the engine is released and the
+        train state comes back, as for training (a resumed checkpoint is read into it)."""
+        if self.offload.enabled:
+            self.offload.offload()
+            torch.distributed.barrier(group=self.host_world)  # no engine starts beside a resident state
+        if self.comm.is_engine_rank:
+            self._start_engine()
+        if self.offload.enabled:
+            self.to_training()
 
     def to_rollout(self) -> dict[str, float]:
         """Grads, optimizer state and the token RM leave the device; the weight sync reads the policy
@@ -168,8 +184,11 @@ class Run:
         # SGLang with TP > 1: every TP rank of the first stage sends its own full copy, so SGLang TP
         # rank i reads trainer TP rank i's buffers on its own GPU (the leader only posts the handles).
         per_rank = cfg.engine == "sglang" and self.layout.tp > 1
-        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes, every_tp_rank=per_rank)
-        sends = self.comm.is_engine_rank or (per_rank and self.layout.pp_rank == 0)
+        every_stage = cfg.engines_on_every_stage  # each stage's engine needs every stage's tensors
+        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes, every_tp_rank=per_rank,
+                                 every_stage=every_stage)
+        on_engine_stage = self.layout.pp_rank == 0 or every_stage
+        sends = self.comm.is_engine_rank or (per_rank and on_engine_stage)
         if not sends:
             for _ in source:  # take part in the collectives; the tensors land on the engine's ranks
                 pass
@@ -178,7 +197,7 @@ class Run:
             from megatron_oreal.mcore import parallel
 
             transport = SGLangIPCTransport(self.engine, group=parallel.tp_group(gloo=True),
-                                           leader_rank=self.comm.engine_src)
+                                           leader_rank=min(parallel.tp_ranks()))
         elif cfg.engine == "sglang":
             transport = SGLangIPCTransport(self.engine)
         else:
@@ -200,7 +219,8 @@ class Run:
             if self.comm.is_engine_rank:
                 try:
                     fault_point("rollout", step)
-                    groups = rollout_and_score(self.engine, prompts, sampling, self.tokenizer, self.verifier, Comm())
+                    mine = engine_share(prompts, self.comm)  # this stage's engine's chunk of the replica's prompts
+                    groups = rollout_and_score(self.engine, mine, sampling, self.tokenizer, self.verifier, Comm())
                 except Exception as exc:  # any engine failure: the engine is rebuilt, the data is not lost
                     error = f"{type(exc).__name__}: {exc}"
                     print(f"[rank {self.rank}] rollout at step {step + 1} failed: {error}", flush=True)
