@@ -13,6 +13,7 @@ Prints `CHECK <name> <values...>` lines from rank 0; any exception exits non-zer
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import sys
@@ -204,9 +205,31 @@ def per_rank(layout, trainer) -> None:
         _check(layout, "per_rank_senders", senders == [[r] for r in tp_ranks], senders)
         _check(layout, "per_rank_tensors_full", full, len(want), engine.events.count("begin"))
 
+    # engines on every stage: every rank of both stages receives every stage's full tensors
+    got = {}
+    for bucket in iter_hf_tensors(trainer.policy, layout, bucket_bytes=1 << 16, every_tp_rank=True, every_stage=True):
+        got.update({n: t.clone() for n, t in bucket if t is not None})
+    digest = sorted((n, hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest())
+                    for n, t in got.items())
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digest)
+    mine_ok = layout.rank != 0 or (set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want))
+    _check(layout, "every_stage_tensors", mine_ok and all(d == every[0] for d in every), len(every[0]))
+
 
 def groups(layout) -> None:
     from megatron_oreal.mcore import parallel
+    from megatron_oreal.stages import Comm, engine_share, share_groups
+
+    # two engines per replica (one per stage): each takes its chunk, every rank gets them back in order
+    comm = Comm(is_engine_rank=layout.tp_rank == 0, mp_group=parallel.model_parallel_group(gloo=True),
+                engines=layout.pp, engine_index=layout.pp_rank)
+    prompts = [f"p{i}" for i in range(5)]
+    mine = [f"{p}@stage{layout.pp_rank}" for p in engine_share(prompts, comm)] if comm.is_engine_rank else None
+    shared = share_groups(mine, comm)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, shared)
+    _check(layout, "engine_share", all(s == every[0] for s in every), *every[0])
 
     ok = []
     for gloo, megatron in ((parallel.model_parallel_group(gloo=True), parallel.model_parallel_group()),

@@ -54,3 +54,6 @@ def test_offload_is_bit_identical_at_tp2_pp2_with_resume_and_per_rank_sync(tmp_p
     assert c["per_rank_senders"][0] == "True", c["per_rank_senders"]
     assert c["per_rank_tensors_full"][0] == "True" and int(c["per_rank_tensors_full"][1]) > 5
     assert c["gloo_groups"] == ["True", "True", "True"]
+    # engines on every stage: both stages hold every tensor; the replica's prompts split in stage order
+    assert c["every_stage_tensors"][0] == "True" and int(c["every_stage_tensors"][1]) > 5
+    assert c["engine_share"] == ["True", "p0@stage0", "p1@stage0", "p2@stage1", "p3@stage1", "p4@stage1"]
