@@ -155,9 +155,9 @@ class Run:
             self.to_training()
 
     def to_rollout(self) -> dict[str, float]:
-        """Grads, optimizer state and the token RM leave the device; the weight sync reads the policy
-        (and resumes the engine); then the policy's parameters leave too. Returns the sync metrics."""
-        self.offload.offload("rest")
+        """Grads (freed), optimizer state and the token RM leave the device; the weight sync reads the
+        policy (and resumes the engine); then the policy's parameters leave too. Returns the sync metrics."""
+        self.offload.offload("grads", "rest")
         metrics = self.sync_weights()
         self.offload.offload("policy_params")
         return metrics

@@ -11,11 +11,13 @@ What moves, per DDP-wrapped model and its Megatron optimizer (megatron-core 0.16
 The reference snapshot is already on the host (model.ReferenceWeights).
 
 How: per distinct storage, copy its bytes to a host buffer (pinned on a GPU machine, so the copy runs
-at PCIe/C2C DMA speed), then `storage.resize_(0)`; reloading resizes the same storage back and copies
-the bytes in. Resizing the storage in place, rather than replacing tensors, keeps every tensor object,
-every view (params into `param_data`, `main_grad` into `grad_data`) and every reference the optimizer
-and DDP hold valid: the model trains on exactly the same objects, bit for bit. verl and slime free
-Megatron's buffers the same way. On a CPU the identical code runs (the "host" copy is a second CPU
+at PCIe/C2C DMA speed; allocated once and reused every step), then `storage.resize_(0)`; reloading
+resizes the same storage back and copies the bytes in. A set marked `discard` (the gradient buffers:
+every update starts by zeroing them, train_step.py `optim.zero_grads`) is only freed, and comes back
+zeroed, so it costs neither copy time nor host memory. Resizing the storage in place, rather than
+replacing tensors, keeps every tensor object, every view (params into `param_data`, `main_grad` into `grad_data`) and every reference the optimizer
+and DDP hold valid: the model trains on exactly the same objects, bit for bit. verl frees Megatron's
+DDP buffers the same way (`buffer.param_data.storage().resize_(0)`, grads freed without a copy). On a CPU the identical code runs (the "host" copy is a second CPU
 buffer), which is what the parity tests exercise.
 
 While offloaded the tensors have no memory: touching one is an invalid memory access (a segfault on
@@ -64,7 +66,7 @@ def optimizer_tensors(optimizer) -> Iterator[torch.Tensor]:
 class _Moved:
     storage: torch.UntypedStorage
     nbytes: int
-    host: torch.Tensor  # uint8 [nbytes]
+    host: torch.Tensor | None  # uint8 [nbytes]; None for a discarded set
 
 
 def _distinct_storages(tensors: Iterable[torch.Tensor], device: torch.device | None) -> list[torch.UntypedStorage]:
@@ -91,18 +93,23 @@ class Offload:
     loop's choreography is the same with and without `policy.offload_train_state`.
     """
 
-    def __init__(self, sets: dict[str, Callable[[], Iterable[torch.Tensor]]], *, enabled: bool = True, device: str | torch.device | None = None):
+    def __init__(self, sets: dict[str, Callable[[], Iterable[torch.Tensor]]], *, enabled: bool = True,
+                 device: str | torch.device | None = None, discard: Iterable[str] = ()):
         self.enabled = enabled
+        self.discard = set(discard)  # freed without a copy, zeroed on reload
         self.device = torch.device(device) if device is not None else None
         self.sources = dict(sets)
         self.moved: dict[str, list[_Moved]] = {name: [] for name in sets}
         self.pin = torch.cuda.is_available()
+        # Host buffers are kept and reused (the sets' storages have the same sizes every step):
+        # pinning tens of GiB again each step would cost seconds of cudaHostAlloc.
+        self._host: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
 
     def is_offloaded(self, name: str) -> bool:
         return bool(self.moved[name])
 
     def offload(self, *names: str) -> int:
-        """Copy the named sets to the host and free their device memory; returns the bytes moved.
+        """Copy the named sets to the host and free their device memory; returns the bytes copied.
         A set already offloaded is left as it is. Storages shared between sets move once."""
         if not self.enabled:
             return 0
@@ -112,9 +119,16 @@ class Offload:
             if self.moved[name]:
                 continue
             storages = _distinct_storages(self.sources[name](), self.device)
+            if name in self.discard:
+                self.moved[name] = [_Moved(s, s.nbytes(), None) for s in storages]
+                for s in storages:
+                    s.resize_(0)
+                continue
+            cache = self._host[name]
+            if [h.numel() for h in cache] != [s.nbytes() for s in storages]:
+                cache[:] = [torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.pin) for s in storages]
             moved = []
-            for s in storages:
-                host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.pin)
+            for s, host in zip(storages, cache):
                 host.copy_(_bytes_view(s), non_blocking=self.pin)
                 moved.append(_Moved(s, s.nbytes(), host))
             if self.pin:
@@ -134,11 +148,14 @@ class Offload:
         for name in names:
             for m in self.moved[name]:
                 m.storage.resize_(m.nbytes)
+                if m.host is None:
+                    _bytes_view(m.storage).zero_()
+                    continue
                 _bytes_view(m.storage).copy_(m.host, non_blocking=self.pin)
                 total += m.nbytes
             self.moved[name] = []
         if self.pin:
-            torch.cuda.synchronize()  # the host buffers are dropped below; nothing may still read them
+            torch.cuda.synchronize()  # the next offload overwrites the host buffers
         return total
 
     @contextlib.contextmanager
@@ -154,22 +171,35 @@ class Offload:
 
 
 def train_state_offload(trainer, *, enabled: bool, device: str) -> Offload:
-    """The two sets the loop moves (runtime.Run.to_rollout / to_training): "policy_params" stays on
-    the device until the weight sync has read it; "rest" (the token RM's parameters, every gradient
-    buffer and both optimizers' state) leaves as soon as training ends."""
-    policy, popt, rm, ropt = trainer.policy, trainer.policy_opt, trainer.token_rm, trainer.rm_opt
+    """The three sets the loop moves (runtime.Run.to_rollout / to_training): "grads" (every gradient
+    buffer, freed without a copy) and "rest" (the token RM's parameters and both optimizers' masters and
+    state) leave as soon as training ends; "policy_params" stays on the device until the weight sync
+    has read it."""
+    models = [m for m in (trainer.policy, trainer.token_rm) if m is not None]
+    opts = [o for o in (trainer.policy_opt, trainer.rm_opt) if o is not None]
+
+    def key(t: torch.Tensor) -> tuple[str, int]:
+        return str(t.device), t.untyped_storage().data_ptr()
 
     def policy_params():
-        return list(policy.parameters())
+        return list(trainer.policy.parameters())
+
+    def grads():
+        out = [g for m in models for p in m.parameters() for g in (getattr(p, "main_grad", None), p.grad)]
+        for opt in opts:
+            for inner in getattr(opt, "chained_optimizers", [opt]):
+                params = [p for grp in getattr(getattr(inner, "optimizer", None), "param_groups", []) for p in grp["params"]]
+                out += [p.grad for p in params]
+        return [g for g in out if g is not None]
 
     def rest():
-        keep = {(str(p.device), p.untyped_storage().data_ptr()) for p in policy.parameters()}
-        out = [g for p in policy.parameters() for g in (getattr(p, "main_grad", None), p.grad) if g is not None]
-        out += list(optimizer_tensors(popt))
-        if rm is not None:
-            out += list(model_tensors(rm)) + list(optimizer_tensors(ropt))
-        # A policy parameter's storage (e.g. the distributed optimizer's shard views of `param_data`)
-        # belongs to "policy_params", which the sync still reads.
-        return [t for t in out if (str(t.device), t.untyped_storage().data_ptr()) not in keep]
+        # A storage of the other sets (the distributed optimizer's shard views of `param_data`, master
+        # grads aliasing `main_grad`) belongs to them: the sync still reads the policy's parameters.
+        skip = {key(t) for t in policy_params() + grads()}
+        out = [t for opt in opts for t in optimizer_tensors(opt)]
+        if trainer.token_rm is not None:
+            out += list(trainer.token_rm.parameters())
+        return [t for t in out if key(t) not in skip]
 
-    return Offload({"policy_params": policy_params, "rest": rest}, enabled=enabled, device=device)
+    return Offload({"grads": grads, "rest": rest, "policy_params": policy_params}, enabled=enabled,
+                   device=device, discard=("grads",))

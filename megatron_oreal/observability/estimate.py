@@ -181,9 +181,16 @@ def memory_table(w: Workload) -> dict:
         phases = {k: v + ref for k, v in phases.items()}
     hbm = w.gpu.hbm_gib * GIB
     offload_needed = w.offload_train_state or phases["rollout (train state resident)"] > 0.95 * hbm
+    # What our offload (mcore/offload.py) copies to the host and back: the state less the gradient
+    # buffers (freed without a copy: every update zeroes them first) and TE's FP8 copies (not moved).
+    # Without policy.offload_train_state (a peer's system in published.py, or a plan that says an
+    # offload is needed) the whole state is counted, as before.
+    grads = sum(v for k, v in comp.items() if k.endswith(" grads"))
+    copied = state - grads - fp8_copies if w.offload_train_state else state
     if offload_needed:
-        host["train state (offloaded in rollout)"] = state - (fp8_copies if w.offload_train_state else 0.0)
+        host["train state (offloaded in rollout)"] = copied
     return {"components": comp, "host": host, "phases": phases, "hbm": hbm, "train_state": state,
+            "offload_bytes": copied,
             "kv_tokens": comp["engine KV cache"] * w.rollout_tp / a.kv_bytes_per_token(2.0),
             "offload_needed": offload_needed}
 
@@ -269,7 +276,7 @@ def step_estimate(w: Workload) -> dict:
     if w.reference_on_host:  # copy the reference shard in for its forward (and drop it after)
         stages["reference_swap"] = mem["host"]["reference weights"] / pcie
     if mem["offload_needed"]:  # train state out before rollout, back in before training
-        stages["offload_onload"] = 2 * mem["train_state"] / pcie
+        stages["offload_onload"] = 2 * mem["offload_bytes"] / pcie
     step = sum(stages.values())
     return {"stages": stages, "step_s": step, "memory": mem, "rollout": roll, "train": train, "sync": sync,
             "tokens_per_s_per_gpu": roll["tokens"] / step / w.n_gpus}

@@ -106,8 +106,8 @@ def offload(workdir: str) -> None:
     ckpt = os.path.join(workdir, "ckpt")
     same_sync, same_metrics, left, nbytes = [], [], [], []
     for step in range(3):
-        # the rollout phase, as Run.to_rollout: grads/optimizer/RM out, the sync reads the policy, policy out
-        off.offload("rest")
+        # the rollout phase, as Run.to_rollout: grads freed, optimizer/RM out, the sync reads the policy, policy out
+        off.offload("grads", "rest")
         synced = _hf_state(moved.policy, layout)
         nbytes.append(off.offload("policy_params"))
         left.append(_resident_bytes(moved))
@@ -139,7 +139,7 @@ def offload(workdir: str) -> None:
                              "token_rm": (resumed.token_rm, resumed.rm_opt)}.items():
         model_and_optimizer_reader(ddp, opt)(os.path.join(ckpt, name))
     off2 = train_state_offload(resumed, enabled=True, device=layout.device)
-    off2.offload("rest")
+    off2.offload("grads", "rest")
     _hf_state(resumed.policy, layout)
     off2.offload("policy_params")
     off2.reload()

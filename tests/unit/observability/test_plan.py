@@ -59,12 +59,15 @@ def test_train_state_offload_phases_hand_computed():
     assert mo["phases"]["rollout (train state offloaded)"] == pytest.approx(engine + p_pol * 2)
     assert m["phases"]["rollout (train state offloaded)"] == pytest.approx(engine)  # the old "what if"
     assert mo["offload_needed"] and "offload_onload" in step_estimate(off)["stages"]
-    assert mo["host"]["train state (offloaded in rollout)"] == pytest.approx(mo["train_state"])
+    grads = c["policy grads"] + c["token_rm grads"]  # freed, not copied
+    assert mo["host"]["train state (offloaded in rollout)"] == pytest.approx(mo["train_state"] - grads)
+    pcie = off.gpu.pcie_bw * off.assumptions.link_eff
+    assert step_estimate(off)["stages"]["offload_onload"] == pytest.approx(2 * (mo["train_state"] - grads) / pcie)
     f8 = memory_table(replace(off, fp8=True))
     p_rm = f8["components"]["token_rm grads"] / 4
     copies = p_pol + p_rm  # 1 B/param for each trained model
     assert f8["phases"]["rollout (train state offloaded)"] == pytest.approx(engine + p_pol * 2 + copies)
-    assert f8["host"]["train state (offloaded in rollout)"] == pytest.approx(f8["train_state"] - copies)
+    assert f8["host"]["train state (offloaded in rollout)"] == pytest.approx(f8["train_state"] - copies - grads)
 
 
 def test_engines_on_every_stage_and_from_config():
