@@ -214,6 +214,8 @@ class Run:
         ranks generate alone, then every rank learns whether any failed before the groups are shared
         (a failure inside the broadcast would leave the other ranks waiting)."""
         sampling, limit = self.sampling(step), self.cfg.rollout.max_restarts
+        if self.comm.engines > 1:  # each stage's engine numbers its samples from 0: give each its own stream
+            sampling = sampling.with_seed(sampling.seed + 7919 * self.comm.engine_index)
         for attempt in range(limit + 1):
             groups, error = None, None
             if self.comm.is_engine_rank:

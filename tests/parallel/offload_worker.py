@@ -1,6 +1,6 @@
 """torchrun worker for tests/parallel/test_offload.py: TP2 x PP2 on 4 gloo processes, one launch.
 
-    offload   three OREAL steps of a trainer whose train state goes to the host and back around a
+    offload   two OREAL steps of a trainer whose train state goes to the host and back around a
               simulated rollout (mcore/offload.py, the sets runtime.Run.to_rollout/to_training move)
               against the same trainer without offload, bit for bit; a checkpoint written while
               offloaded (inside `resident()`) resumes a third trainer that ends bit-identical too.
@@ -105,7 +105,7 @@ def offload(workdir: str) -> None:
     off = train_state_offload(moved, enabled=True, device=layout.device)
     ckpt = os.path.join(workdir, "ckpt")
     same_sync, same_metrics, left, nbytes = [], [], [], []
-    for step in range(3):
+    for step in range(2):
         # the rollout phase, as Run.to_rollout: grads freed, optimizer/RM out, the sync reads the policy, policy out
         off.offload("grads", "rest")
         synced = _hf_state(moved.policy, layout)
@@ -115,7 +115,7 @@ def offload(workdir: str) -> None:
         off.reload()  # Run.to_training
         m_plain, m_moved = plain.update(batch, step), moved.update(batch, step)
         same_metrics.append(_same_metrics(m_plain, m_moved))
-        if step == 1:  # a checkpoint taken in the rollout phase, as Run.save does
+        if step == 0:  # a checkpoint taken in the rollout phase (Adam state exists now), as Run.save does
             off.offload()
             with off.resident():
                 for name, (ddp, opt) in {"policy": (moved.policy, moved.policy_opt),
@@ -133,7 +133,7 @@ def offload(workdir: str) -> None:
     _check(layout, "rm_and_optimizer_equal", rm_equal, _all_equal(layout, {"x": torch.tensor(opt_equal)},
                                                                    {"x": torch.tensor(True)}))
 
-    # resume: a fresh trainer reads the step-2 checkpoint and runs step 3 with offload
+    # resume: a fresh trainer reads the step-1 checkpoint and runs step 2 with offload
     resumed = trainer()
     for name, (ddp, opt) in {"policy": (resumed.policy, resumed.policy_opt),
                              "token_rm": (resumed.token_rm, resumed.rm_opt)}.items():
@@ -143,7 +143,7 @@ def offload(workdir: str) -> None:
     _hf_state(resumed.policy, layout)
     off2.offload("policy_params")
     off2.reload()
-    resumed.update(batch, 2)
+    resumed.update(batch, 1)
     _check(layout, "resumed_weights_equal",
            _all_equal(layout, _hf_state(plain.policy, layout), _hf_state(resumed.policy, layout)),
            _all_equal(layout, _hf_state(plain.token_rm, layout), _hf_state(resumed.token_rm, layout)))

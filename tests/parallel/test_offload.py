@@ -43,10 +43,10 @@ def test_offload_is_bit_identical_at_tp2_pp2_with_resume_and_per_rank_sync(tmp_p
 
     # something real moved every time, and nothing the offload should cover stayed on the "device"
     assert all(int(n) > 0 for n in c["offloaded_bytes"]), c["offloaded_bytes"]
-    assert c["resident_bytes_while_offloaded"] == ["0", "0", "0"]
+    assert c["resident_bytes_while_offloaded"] == ["0", "0"]  # before the first step and with Adam state
     # the weight sync read the same weights, and every step computed the same, bit for bit
-    assert c["sync_source_equal"] == ["True"] * 3
-    assert c["metrics_equal"] == ["True"] * 3
+    assert c["sync_source_equal"] == ["True"] * 2
+    assert c["metrics_equal"] == ["True"] * 2
     assert c["weights_equal"] == ["True"]
     assert c["rm_and_optimizer_equal"] == ["True", "True"]
     assert c["resumed_weights_equal"] == ["True", "True"]
