@@ -137,9 +137,12 @@ class Run:
     def to_training(self) -> None:
         """Engine memory released, then the train state back on the device."""
         self.release_engine()
+        t0 = time.perf_counter()
         moved = self.offload.reload()
-        if moved:
-            log(f"train state reloaded: {moved / 2**30:.2f} GiB", self.rank)
+        if moved:  # the host -> GPU bandwidth a GPU run must check first (docs/gpu.md §6)
+            dt = time.perf_counter() - t0
+            log(f"train state reloaded: {moved / 2**20:.1f} MiB in {dt:.2f} s ({moved / max(dt, 1e-9) / 1e9:.1f} GB/s)",
+                self.rank)
 
     def start_engines(self) -> None:
         """Start this rank's engine. With offload, every rank's train state leaves first: SGLang sizes
