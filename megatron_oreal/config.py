@@ -53,6 +53,10 @@ class RolloutConfig:
     engine: str = "cpu"  # registry key: cpu | sglang
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tensor_parallel_size: int = 1  # SGLang engine TP; ranks per engine
+    # One engine on every pipeline stage's TP group (each with the whole model; the weight sync sends
+    # every stage's tensors to every stage), not only on the first: PP times more engines. Meant with
+    # policy.offload_train_state, so each stage's GPUs have room for an engine.
+    engines_on_every_stage: bool = False
     mem_fraction_static: float = 0.6
     sync_bucket_mb: int = 512  # weight-sync bucket size
     fp8: bool = False  # block-quantise Linear weights for an FP8 SGLang engine
@@ -109,6 +113,13 @@ class ModelConfig:
     hf_path: str = ""  # HF checkpoint folder (config.json, safetensors, tokenizer)
     dtype: str = "bf16"  # fp32 | bf16
     fp8: str = ""  # "" | blockwise | tensorwise (Transformer Engine, GPU only)
+    # On a CUDA machine whose Transformer Engine fails to import: false (default) stops with the import
+    # error; true trains with Megatron's local layer spec (dense attention masks, no FP8).
+    allow_local_spec: bool = False
+    # Move the policy's and token RM's parameters, gradient buffers and optimizer state to (pinned)
+    # host memory during rollout and evaluation, back before training (mcore/offload.py), so the
+    # engine gets the GPU. Costs two host<->device copies of the train state per step.
+    offload_train_state: bool = False
     recompute: bool = False
     micro_batch_tokens: int = 16384  # token budget per packed micro-batch per rank
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -20,7 +20,8 @@ import torch
 from megatron_oreal.checkpoint.resume import RunCheckpointer, fault_point
 from megatron_oreal.config import RunConfig, to_dict
 from megatron_oreal.launch.signals import agree_any
-from megatron_oreal.stages import Comm, EvalResult, evaluate, gather_groups, rollout_and_score, share_groups
+from megatron_oreal.stages import (Comm, EvalResult, engine_share, evaluate, gather_groups, rollout_and_score,
+                                   share_groups)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -87,7 +88,7 @@ class Run:
         self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
 
         t0 = time.time()
-        kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)
+        kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8, allow_local_spec=cfg.policy.allow_local_spec)
         if cfg.policy.recompute:  # full activation recompute, as the reference runs (OREAL.md §7)
             kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         policy = build_policy(self.hf_config, layout, **kw)
@@ -101,19 +102,27 @@ class Run:
             policy, token_rm, self.reference, layout, cfg.algo, cfg.policy.optim, cfg.token_rm.optim, cfg.steps,
             micro_batch_tokens=cfg.policy.micro_batch_tokens, distributed_optimizer=cfg.parallel.distributed_optimizer,
         )
+        from megatron_oreal.mcore.offload import train_state_offload
+
+        self.offload = train_state_offload(self.trainer, enabled=cfg.policy.offload_train_state, device=layout.device)
         log(f"models ready in {time.time() - t0:.1f}s: {layout}", self.rank)
 
+        # Ranks without an engine wait for the rollout and evaluation in these collectives: gloo
+        # groups, so the wait blocks a CPU thread instead of a NCCL kernel on a GPU SGLang is using.
+        self.host_world = parallel.world_group(gloo=True)
+        every_stage = cfg.rollout.engines_on_every_stage
         self.comm = Comm(
-            is_engine_rank=layout.tp_rank == 0 and layout.pp_rank == 0,
+            is_engine_rank=layout.tp_rank == 0 and (layout.pp_rank == 0 or every_stage),
             engine_src=min(torch.distributed.get_process_group_ranks(parallel.model_parallel_group())),
-            mp_group=parallel.model_parallel_group(),
+            mp_group=parallel.model_parallel_group(gloo=True),
             dp_group=parallel.dp_group(gloo=True) if layout.dp > 1 else None,
             dp_size=layout.dp,
             dp_rank=layout.dp_rank,
+            engines=layout.pp if every_stage else 1,
+            engine_index=layout.pp_rank if every_stage else 0,
         )
         self.engine = self.verifier = None
-        if self.comm.is_engine_rank:
-            self._start_engine()
+        self.start_engines()
         self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
                                             barrier=torch.distributed.barrier)
@@ -121,6 +130,40 @@ class Run:
         self.writer = MetricsWriter(self.run_dir / "tb", enabled=cfg.log.tensorboard, rank=self.rank)
         self.state = RunState()
         self.synced_once = False
+
+    # ------------------------------------------------------------------ memory choreography
+    # Every move of GPU memory between the trainer and the engine happens in these two calls (and the
+    # `resident` blocks of save/export); train.py calls one before and one after training.
+    def to_training(self) -> None:
+        """Engine memory released, then the train state back on the device."""
+        self.release_engine()
+        t0 = time.perf_counter()
+        moved = self.offload.reload()
+        if moved:  # the host -> GPU bandwidth a GPU run must check first (docs/gpu.md §6)
+            dt = time.perf_counter() - t0
+            log(f"train state reloaded: {moved / 2**20:.1f} MiB in {dt:.2f} s ({moved / max(dt, 1e-9) / 1e9:.1f} GB/s)",
+                self.rank)
+
+    def start_engines(self) -> None:
+        """Start this rank's engine. With offload, every rank's train state leaves first: SGLang sizes
+        its KV pool from the GPU memory free when it starts (docs/gpu.md §3), and an engine's TP ranks
+        share GPUs with trainer ranks that may not run an engine. Then the engine is released and the
+        train state comes back, as for training (a resumed checkpoint is read into it)."""
+        if self.offload.enabled:
+            self.offload.offload()
+            torch.distributed.barrier(group=self.host_world)  # no engine starts beside a resident state
+        if self.comm.is_engine_rank:
+            self._start_engine()
+        if self.offload.enabled:
+            self.to_training()
+
+    def to_rollout(self) -> dict[str, float]:
+        """Grads (freed), optimizer state and the token RM leave the device; the weight sync reads the
+        policy (and resumes the engine); then the policy's parameters leave too. Returns the sync metrics."""
+        self.offload.offload("grads", "rest")
+        metrics = self.sync_weights()
+        self.offload.offload("policy_params")
+        return metrics
 
     # ------------------------------------------------------------------ engine + weight sync
     def _start_engine(self) -> None:
@@ -141,17 +184,32 @@ class Run:
         if torch.cuda.is_available():  # hand the activations' cached blocks back before the engine resumes
             torch.cuda.empty_cache()
         bucket_bytes = cfg.sync_bucket_mb << 20
-        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes)
-        if not self.comm.is_engine_rank:
-            for _ in source:  # take part in the collectives; the tensors land on the engine rank
+        # SGLang with TP > 1: every TP rank of the first stage sends its own full copy, so SGLang TP
+        # rank i reads trainer TP rank i's buffers on its own GPU (the leader only posts the handles).
+        per_rank = cfg.engine == "sglang" and self.layout.tp > 1
+        every_stage = cfg.engines_on_every_stage  # each stage's engine needs every stage's tensors
+        source = iter_hf_tensors(self.trainer.policy, self.layout, bucket_bytes=bucket_bytes, every_tp_rank=per_rank,
+                                 every_stage=every_stage)
+        on_engine_stage = self.layout.pp_rank == 0 or every_stage
+        sends = self.comm.is_engine_rank or (per_rank and on_engine_stage)
+        if not sends:
+            for _ in source:  # take part in the collectives; the tensors land on the engine's ranks
                 pass
             return {}
-        transport = SGLangIPCTransport(self.engine) if cfg.engine == "sglang" else InProcessTransport(self.engine)
+        if per_rank:
+            from megatron_oreal.mcore import parallel
+
+            transport = SGLangIPCTransport(self.engine, group=parallel.tp_group(gloo=True),
+                                           leader_rank=min(parallel.tp_ranks()))
+        elif cfg.engine == "sglang":
+            transport = SGLangIPCTransport(self.engine)
+        else:
+            transport = InProcessTransport(self.engine)
         flat = ((name, t) for bucket in source for name, t in bucket)
         check = cfg.check_weights_after_first_sync and not self.synced_once
         metrics = sync_weights(flat, transport, fp8=cfg.fp8, bucket_bytes=bucket_bytes, check=check)
         self.synced_once = True
-        return metrics.as_dict()
+        return metrics.as_dict() if self.comm.is_engine_rank else {}
 
     def rollout(self, prompts: list, step: int) -> list:
         """rollout_and_score, restarting a failed engine (re-synced from the policy) and retrying the
@@ -159,16 +217,19 @@ class Run:
         ranks generate alone, then every rank learns whether any failed before the groups are shared
         (a failure inside the broadcast would leave the other ranks waiting)."""
         sampling, limit = self.sampling(step), self.cfg.rollout.max_restarts
+        if self.comm.engines > 1:  # each stage's engine numbers its samples from 0: give each its own stream
+            sampling = sampling.with_seed(sampling.seed + 7919 * self.comm.engine_index)
         for attempt in range(limit + 1):
             groups, error = None, None
             if self.comm.is_engine_rank:
                 try:
                     fault_point("rollout", step)
-                    groups = rollout_and_score(self.engine, prompts, sampling, self.tokenizer, self.verifier, Comm())
+                    mine = engine_share(prompts, self.comm)  # this stage's engine's chunk of the replica's prompts
+                    groups = rollout_and_score(self.engine, mine, sampling, self.tokenizer, self.verifier, Comm())
                 except Exception as exc:  # any engine failure: the engine is rebuilt, the data is not lost
                     error = f"{type(exc).__name__}: {exc}"
                     print(f"[rank {self.rank}] rollout at step {step + 1} failed: {error}", flush=True)
-            if not agree_any(error is not None):
+            if not agree_any(error is not None, self.host_world):
                 return gather_groups(share_groups(groups, self.comm), self.comm)
             if attempt == limit:
                 break
@@ -187,7 +248,8 @@ class Run:
 
             cfg = self.cfg
             self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
-        self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
+        with self.offload.resident("policy_params"):  # the new engine starts from the HF files: give it
+            self.sync_weights()                       # the trained weights
 
     def release_engine(self) -> None:
         if self.engine is not None:
@@ -299,7 +361,8 @@ class Run:
                  "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row,
                  "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
-        path = self.checkpointer.save(step, writers, state)
+        with self.offload.resident():
+            path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
         return path
 
@@ -324,8 +387,9 @@ class Run:
     def export_hf(self, out_dir: Path) -> None:
         from megatron_oreal.checkpoint.gather import export_hf
 
-        export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
-                  log=lambda m: log(m, self.rank))
+        with self.offload.resident("policy_params"):
+            export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
+                      log=lambda m: log(m, self.rank))
 
     def close(self) -> None:
         self.writer.close()

@@ -1,9 +1,11 @@
 """The stages of one iteration that move samples between ranks: rollout+reward, and evaluation.
 
-One rollout engine serves each data-parallel replica and lives on the replica's first rank (TP rank
-0 of the first pipeline stage, the "engine rank"). It samples the replica's prompts, the verifier
-scores them there, and the scored groups are broadcast over the replica's model-parallel group and
-all-gathered over data parallel, so that every rank holds the same global list of groups and the
+Each data-parallel replica has one rollout engine on its first pipeline stage (TP rank 0 of that
+stage is the "engine rank"), or, with `rollout.engines_on_every_stage`, one per pipeline stage. The
+replica's prompts are split into contiguous chunks, one per engine; each engine rank samples its
+chunk and the verifier scores it there; the scored groups are shared over the replica's
+model-parallel group (a broadcast from the one engine rank, or an all-gather put back in stage order)
+and all-gathered over data parallel, so that every rank holds the same global list of groups and the
 selection (seeded by step) picks the same batch everywhere.
 """
 
@@ -24,12 +26,19 @@ class Comm:
     """What the stages need from the parallel layout (built by mcore.parallel; a world of one by default)."""
 
     is_engine_rank: bool = True
-    engine_src: int = 0  # global rank of this replica's engine rank
+    engine_src: int = 0  # global rank of this replica's (first) engine rank
     mp_group: Any = None  # this replica's model-parallel group (None: no broadcast needed)
     dp_group: Any = None  # data-parallel group for object all-gathers (None: DP=1)
     dp_size: int = 1
     dp_rank: int = 0
+    engines: int = 1  # engines per replica (one per pipeline stage with rollout.engines_on_every_stage)
+    engine_index: int = 0  # which of them this rank's stage runs
 
+
+def engine_share(items: list, comm: Comm) -> list:
+    """This engine's contiguous chunk of the replica's items (chunks in engine order restore the list)."""
+    n, k, i = len(items), comm.engines, comm.engine_index
+    return items[i * n // k:(i + 1) * n // k]
 
 def score_groups(groups: list[Group], verifier: Any) -> None:
     """Reward +1 / -1 per sample (OREAL.md §2.2): truncated, unparsable, timed-out all count as -1."""
@@ -47,11 +56,20 @@ def score_groups(groups: list[Group], verifier: Any) -> None:
 
 
 def share_groups(obj: Any, comm: Comm) -> Any:
-    if comm.mp_group is not None and dist.get_world_size(comm.mp_group) > 1:
+    """The replica's engine output on every rank of the replica: the one engine rank's `obj`, or with
+    several engines the concatenation of their lists in engine order (other ranks pass None)."""
+    if comm.mp_group is None or dist.get_world_size(comm.mp_group) == 1:
+        return obj
+    if comm.engines == 1:
         box = [obj]
         dist.broadcast_object_list(box, src=comm.engine_src, group=comm.mp_group)
-        obj = box[0]
-    return obj
+        return box[0]
+    parts: list[Any] = [None] * dist.get_world_size(comm.mp_group)
+    dist.all_gather_object(parts, (comm.engine_index, obj) if comm.is_engine_rank else None, group=comm.mp_group)
+    mine = sorted(p for p in parts if p is not None)
+    if [i for i, _ in mine] != list(range(comm.engines)):
+        raise RuntimeError(f"share_groups: expected engines 0..{comm.engines - 1}, got {[i for i, _ in mine]}")
+    return [x for _, part in mine for x in part]
 
 
 def gather_groups(items: list, comm: Comm) -> list:
@@ -129,7 +147,7 @@ def evaluate(
     batch_size: int = 64,
 ) -> EvalResult:
     """Greedy pass@1 over `prompts`, split across data-parallel replicas (every rank gets the result)."""
-    mine = prompts[comm.dp_rank :: comm.dp_size]
+    mine = engine_share(prompts[comm.dp_rank :: comm.dp_size], comm)
     groups: list[Group] | None = None
     if comm.is_engine_rank:
         groups = []

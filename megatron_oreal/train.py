@@ -39,7 +39,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         resumed = r.maybe_resume()
         r.trim_step_records()  # steps after the checkpoint are re-run: drop their old records
         steplog = StepLog(r)
-        r.sync_weights()  # the engine starts from the HF files; after a resume it must get the trained weights
+        r.to_rollout()  # the engine starts from the HF files; after a resume it must get the trained weights
         if not resumed:
             r.evaluate(0)
         start = r.state.step
@@ -50,7 +50,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
                 groups = r.rollout(next(r.prompts), step)
             with r.timer.stage("selection"):
                 batch = build_train_batch(groups, cfg.algo.advantage, cfg.algo.selection, cfg.seed, step)
-            r.release_engine()
+            r.to_training()
             fault_point("train", step)
             with r.timer.stage("train"):
                 if batch.sequences:
@@ -61,7 +61,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
             r.check_finite(step, metrics)
             fault_point("sync", step)
             with r.timer.stage("weight_sync"):
-                metrics.update(r.sync_weights())
+                metrics.update(r.to_rollout())
             r.state.step = step + 1
             metrics = steplog.record(step, groups, batch, metrics)
             r.append_step_record(step, groups, batch, metrics)

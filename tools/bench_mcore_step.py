@@ -37,7 +37,7 @@ def main() -> int:
           "num_key_value_heads": 4, "intermediate_size": 1408, "vocab_size": 8192, "rms_norm_eps": 1e-6,
           "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
     layout = init_parallel(1, 1)
-    model = build_policy(hf, layout, dtype=args.dtype)
+    model = build_policy(hf, layout, dtype=args.dtype, from_hf_weights=False)
     n = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, 8192, (args.batch, args.seq + 1))
     pos = torch.arange(args.seq).unsqueeze(0).expand(args.batch, -1)

@@ -113,7 +113,7 @@ def bench_tp(args) -> None:
     from megatron_oreal.sync import InProcessTransport, sync_weights
 
     layout = parallel.init_parallel(tp=args.tp, pp=1)
-    model = build_policy(CONFIG, layout, dtype="bf16")
+    model = build_policy(CONFIG, layout, dtype="bf16", from_hf_weights=False)
     bucket = args.bucket_mb << 20
     dst = layout.tp_rank == 0
     shapes = hf_shapes(CONFIG)

@@ -18,6 +18,6 @@ export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"
 # SGLang's co-located engines share the GPUs with training: leave NCCL's NVLS buffers off
 # unless the cluster is known to have memory to spare (NVLS reserves memory per communicator).
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
-# Blockwise FP8 (policy.fp8=blockwise) on Hopper: FP32 block scales, as the recipe expects
-# (mcore/hf_config.py warns when this is not set).
+# Blockwise FP8 (policy.fp8=blockwise) on Hopper: FP32 (not power-of-2) block scales for the training
+# GEMMs, as slime's Hopper recipes; the rollout quantiser's scales do not depend on it (docs/gpu.md §5).
 export NVTE_FP8_BLOCK_SCALING_FP32_SCALES="${NVTE_FP8_BLOCK_SCALING_FP32_SCALES:-1}"

@@ -48,9 +48,17 @@ def _plan(spec, pp, te_names, token_rm, elem_bytes, bucket_bytes):
 
 def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: str = "all",
                     source: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+                    dtype: torch.dtype | None = None, every_tp_rank: bool = False,
+                    every_stage: bool = False) -> Iterator[Bucket]:
     """Yield buckets of (hf_name, full tensor) on destination ranks ((name, None) elsewhere).
 
+    Destinations: TP rank 0 of the first pipeline stage (of every replica, or of the first with
+    replicas="first"); with every_tp_rank, every TP rank of the first stage (the TP all-gather already
+    gives each its full tensors, and later stages send TP rank r's copy to TP rank r of stage 0), so
+    each SGLang TP rank can read its payload from the trainer rank on its own GPU (runtime.sync_weights).
+    every_stage: the destinations' counterparts on every pipeline stage too (each stage's tensors are
+    broadcast over the pipeline group instead of sent to stage 0): engines on every stage
+    (rollout.engines_on_every_stage) each hold the whole model.
     source: what to gather from each parameter (default its data; e.g. `lambda p: p.grad` gathers
     gradients in HF layout). dtype: cast the gathered tensors (default: keep the parameter dtype).
     """
@@ -70,7 +78,9 @@ def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: s
     active = replicas == "all" or layout.dp_rank == 0
     tp_grp = parallel.tp_group()
     stage_ranks = parallel.pp_ranks()  # global ranks of my (tp_rank) pipeline, stage order
-    is_dst = active and layout.tp_rank == 0 and layout.pp_rank == 0
+    gathers = layout.tp_rank == 0 or every_tp_rank  # builds full tensors from the TP shards
+    is_dst = active and gathers and (layout.pp_rank == 0 or every_stage)
+    pp_grp = parallel.pp_group() if every_stage and layout.pp > 1 else None
     dev = torch.device(layout.device)
     for plan in _plan(spec, layout.pp, te_names, token_rm, torch.empty(0, dtype=out_dtype).element_size(), bucket_bytes):
         bucket: Bucket = []
@@ -86,9 +96,17 @@ def iter_hf_tensors(model, layout, *, bucket_bytes: int = 512 << 20, replicas: s
                     dist.all_gather(shards, local, group=tp_grp)
                 else:
                     shards = [local]
-                if layout.tp_rank == 0:
+                if gathers:
                     full = hf_from_shards(e, spec, shards)
-            if active and layout.tp_rank == 0 and stage != 0:
+            if active and gathers and pp_grp is not None:
+                # Stage `stage` -> every stage of the same pipeline (same TP rank), one broadcast each.
+                if layout.pp_rank != stage:
+                    full = [(h, torch.empty(hf_shape(spec, h), dtype=out_dtype, device=dev)) for h in e.hf]
+                else:
+                    full = [(h, t.contiguous()) for h, t in full]
+                for _, t in full:
+                    dist.broadcast(t, src=stage_ranks[stage], group=pp_grp)
+            elif active and gathers and stage != 0:
                 # Stage `stage` -> stage 0 of the same pipeline (the destination), point to point.
                 if layout.pp_rank == stage:
                     for _, t in full:

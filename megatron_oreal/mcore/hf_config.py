@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,15 +121,85 @@ def arch_spec(hf: dict, tp: int = 1) -> ArchSpec:
     )
 
 
+def _import_te() -> None:
+    import transformer_engine.pytorch  # noqa: F401
+
+
+def te_import_error(import_te: Callable[[], None] = _import_te) -> str | None:
+    """Why Transformer Engine does not import (None: it does). TE raises RuntimeError, not ImportError,
+    when a CUDA library such as cuDNN is missing, so every exception counts."""
+    try:
+        import_te()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def te_available() -> bool:
     """Transformer Engine usable: importable AND a GPU present (TE's import itself needs CUDA libs)."""
-    if not torch.cuda.is_available():
+    return torch.cuda.is_available() and te_import_error() is None
+
+
+def use_transformer_engine(*, allow_local_spec: bool = False, cuda: bool | None = None,
+                           import_te: Callable[[], None] = _import_te) -> bool:
+    """Which layer spec to build: TE on a CUDA machine, Megatron's local spec on a CPU.
+
+    On a CUDA machine whose TE does not import, the local spec would still train, but with dense
+    [S, S] attention masks (no THD/varlen kernel: at 16k tokens a 1 GiB mask per head group) and no
+    FP8: a broken image would run slowly and wrongly sized for hours. So that case fails here, naming
+    the import error, unless `policy.allow_local_spec=true` asks for the local spec on purpose.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
         return False
+    error = te_import_error(import_te)
+    if error is None:
+        return True
+    if allow_local_spec:
+        warnings.warn(f"Transformer Engine does not import ({error}); policy.allow_local_spec=true: "
+                      "building Megatron's local layer spec on the GPU")
+        return False
+    raise RuntimeError(f"CUDA is available but Transformer Engine does not import: {error}. Fix the "
+                       "environment (see Dockerfile), or set policy.allow_local_spec=true to train with "
+                       "Megatron's local layer spec (dense attention masks, no FP8)")
+
+
+def grad_accum_fusion_available() -> bool:
+    """apex's `fused_weight_gradient_mlp_cuda`: megatron-core 0.16.1's non-TE ColumnParallelLinear (our
+    output layer, also in the TE spec) raises at construction with gradient_accumulation_fusion and
+    without it (tensor_parallel/layers.py:44-48, 924-933); TE's linears fuse on their own."""
     try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises RuntimeError (not ImportError) when cudnn is missing
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
         return False
     return True
+
+
+def kernel_fields(*, cuda: bool | None = None, te: bool | None = None, apex_grad_fusion: bool | None = None,
+                  from_hf_weights: bool = True) -> dict:
+    """TransformerConfig fields that depend on the machine, not the model: pure given the three facts
+    (None: detect them), so both branches are tested on a CPU.
+
+    Without CUDA + TE (the CPU path, megatron_core_on_cpu.md §2) every fused kernel stays off and the full
+    master weights are initialised on the CPU then split, so every layout starts equal. With CUDA + TE
+    (megatron-core 0.16.1, transformer_config.py:354-371, 1485-1552): weights are created on the GPU
+    directly (use_cpu_initialization=False) and, when HF weights overwrite them (`from_hf_weights`), not
+    initialised at all (perform_initialization=False: a 32B model's init is minutes of wasted work);
+    RoPE, SwiGLU (bias_activation_fusion accepts F.silu with gated_linear_unit) and masked-softmax fusions
+    on; gradient-accumulation fusion only with apex's kernel (see grad_accum_fusion_available).
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    te = te_available() if te is None else te
+    if not (cuda and te):
+        return dict(use_cpu_initialization=True, perform_initialization=True, gradient_accumulation_fusion=False,
+                    apply_rope_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+                    bias_dropout_fusion=False, masked_softmax_fusion=False)
+    apex_grad_fusion = grad_accum_fusion_available() if apex_grad_fusion is None else apex_grad_fusion
+    return dict(use_cpu_initialization=False, perform_initialization=not from_hf_weights,
+                gradient_accumulation_fusion=apex_grad_fusion, apply_rope_fusion=True,
+                # persist_layer_norm selects apex's FastLayerNorm in the local spec only; TE norms ignore it.
+                persist_layer_norm=False, bias_activation_fusion=True, bias_dropout_fusion=True,
+                masked_softmax_fusion=True)
 
 
 # policy.fp8 -> megatron-core 0.16.1 TransformerConfig FP8 fields (transformer_config.py:429-495; the
@@ -139,9 +210,11 @@ def te_available() -> bool:
 # the weight sync exports BF16 and re-quantises, sync/fp8.py). first_last_layers_bf16 stays off: the
 # first/last *transformer blocks* go FP8 too, as in slime's and NeMo-RL's FP8 training recipes.
 #   blockwise  (Hopper default): DeepSeek-V3-style 1x128 activation / 128x128 weight blocks, E4M3 for
-#              every tensor, TE >= 2.3 Float8BlockScaling; FP32 (not power-of-2) block scales need
-#              NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 in the environment *before* TE is imported (TE
-#              reads it at class definition), the same scales the rollout quantiser writes.
+#              every tensor, TE >= 2.3 Float8BlockScaling. NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 (read
+#              by TE at import) picks FP32 instead of power-of-2 block scales for the training GEMMs,
+#              as slime's and miles' Hopper recipes do. It is a training-numerics choice only: with
+#              fp8_param=False no TE scale ever reaches the engine (the sync sends BF16 weights and
+#              sync/fp8.py computes its own FP32 block scales), so the two are unrelated.
 #   tensorwise: per-tensor current scaling (Float8CurrentScaling), "hybrid" = E4M3 forward, E5M2
 #              gradients (the wider range a single per-tensor scale needs for gradients).
 FP8_RECIPES: dict[str, dict] = {
@@ -150,7 +223,6 @@ FP8_RECIPES: dict[str, dict] = {
 }
 FP8_COMMON = dict(fp8_param=False, fp8_dot_product_attention=False, fp8_multi_head_attention=False,
                   first_last_layers_bf16=False)
-FP8_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
 
 
 def fp8_config_fields(fp8: str, dtype: str = "bf16") -> dict:
@@ -164,11 +236,14 @@ def fp8_config_fields(fp8: str, dtype: str = "bf16") -> dict:
     return {**FP8_RECIPES[fp8], **FP8_COMMON}
 
 
-def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", **overrides):
+def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "",
+                               use_te: bool | None = None, from_hf_weights: bool = True, **overrides):
     """TransformerConfig for a Qwen2/Llama HF config at `layout` (tp/pp must match parallel_state).
 
     dtype: "fp32" | "bf16". fp8: "" | "blockwise" | "tensorwise" (needs TE + CUDA; sets the recipe
     fields of megatron-core 0.16.1's TransformerConfig: fp8="e4m3", fp8_recipe=<recipe>).
+    use_te: the layer spec uses Transformer Engine (None: detect); from_hf_weights: HF weights will
+    overwrite the parameters (skip their initialisation on GPU, see kernel_fields).
     `overrides` are passed to TransformerConfig as-is (e.g. recompute_granularity, variable_seq_lengths).
     """
     from megatron.core.transformer import TransformerConfig
@@ -196,29 +271,17 @@ def transformer_config_from_hf(hf_config: dict, layout, *, dtype: str = "fp32", 
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         init_method_std=0.02,
-        # Full master weights are initialised on the CPU then split, so every layout starts equal.
-        use_cpu_initialization=True,
-        perform_initialization=True,
         params_dtype=params_dtype,
         bf16=dtype == "bf16",
         pipeline_dtype=params_dtype,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
-        # Must stay off on CPU (megatron_core_on_cpu.md §2): each needs TE or apex/CUDA kernels.
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
+        **kernel_fields(te=use_te, from_hf_weights=from_hf_weights),
     )
     if fp8:
         fields = fp8_config_fields(fp8, dtype)  # validates first: a bad name fails even without a GPU
         if not te_available():
             raise ValueError(f"fp8={fp8!r} needs Transformer Engine and a CUDA GPU")
-        if fp8 == "blockwise" and os.environ.get(FP8_SCALES_ENV) != "1":
-            warnings.warn(f"policy.fp8=blockwise without {FP8_SCALES_ENV}=1: Transformer Engine uses "
-                          "power-of-2 block scales, the rollout quantiser FP32 ones (set it before launch)")
         kwargs.update(fields)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

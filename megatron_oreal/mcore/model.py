@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from megatron_oreal.mcore.hf_config import arch_spec, te_available, transformer_config_from_hf
+from megatron_oreal.mcore.hf_config import arch_spec, transformer_config_from_hf, use_transformer_engine
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -40,16 +40,22 @@ def _layer_spec(use_te: bool):
 
 
 def build_policy(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", use_te: bool | None = None,
-                 tie: bool | None = None, **overrides):
-    """GPTModel for this PP stage / TP shard. Weights are randomly initialised: load HF weights with
-    `megatron_oreal.checkpoint.hf_io.load_hf_weights`. The model carries `.arch` (ArchSpec)."""
+                 tie: bool | None = None, allow_local_spec: bool = False, from_hf_weights: bool = True, **overrides):
+    """GPTModel for this PP stage / TP shard; load HF weights with
+    `megatron_oreal.checkpoint.hf_io.load_hf_weights`. The model carries `.arch` (ArchSpec).
+
+    use_te None: TE with CUDA, the local spec without (a CUDA machine whose TE fails to import raises
+    unless allow_local_spec, hf_config.use_transformer_engine). On a CPU the weights are randomly
+    initialised; on a GPU with TE they are left uninitialised when `from_hf_weights` (the default:
+    every caller loads HF weights next); pass from_hf_weights=False for a randomly initialised model."""
     from megatron.core.models.gpt import GPTModel
 
     spec = arch_spec(hf_config, layout.tp)
-    use_te = te_available() if use_te is None else use_te
+    use_te = use_transformer_engine(allow_local_spec=allow_local_spec) if use_te is None else use_te
     if fp8 and not use_te:
         raise ValueError("fp8 needs the Transformer Engine layer spec (use_te=True)")
-    config = transformer_config_from_hf(hf_config, layout, dtype=dtype, fp8=fp8, **overrides)
+    config = transformer_config_from_hf(hf_config, layout, dtype=dtype, fp8=fp8, use_te=use_te,
+                                        from_hf_weights=from_hf_weights, **overrides)
     tied = spec.tied if tie is None else tie
     model = GPTModel(
         config=config,
@@ -92,10 +98,11 @@ class ScoreHead(nn.Module):
 
 
 def build_token_rm(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", use_te: bool | None = None,
-                   **overrides):
+                   allow_local_spec: bool = False, **overrides):
     """Token-level RM: the policy backbone (untied, so the embedding stays a plain embedding) with a
     zero-initialised ScoreHead. `model(input_ids, position_ids, mask)` returns scores [B, S, 1]."""
-    model = build_policy(hf_config, layout, dtype=dtype, fp8=fp8, use_te=use_te, tie=False, **overrides)
+    model = build_policy(hf_config, layout, dtype=dtype, fp8=fp8, use_te=use_te, tie=False,
+                         allow_local_spec=allow_local_spec, **overrides)
     if model.config.sequence_parallel:
         raise ValueError("token RM: sequence_parallel shards the final hidden states along the sequence; "
                          "the replicated score head needs them whole (leave sequence_parallel off)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,7 +104,32 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)
+    _make_host_groups()
     return current_layout()
+
+
+# Gloo (CPU) twins of the world and of the model-parallel groups, for the waits of the ranks that do
+# not run an engine: during rollout and evaluation they block in an object broadcast / flag reduce
+# until the engine rank is done. On NCCL that wait is a kernel spinning on a GPU that SGLang is
+# using (and NCCL's own timeout watchdog counts it); on gloo it is a thread blocked on a socket.
+_HOST_GROUPS: dict[str, Any] = {}
+
+
+def _make_host_groups() -> None:
+    """Collective over the world: every rank creates every group in the same order (dist.new_group)."""
+    from megatron.core import parallel_state as ps
+
+    _HOST_GROUPS.clear()
+    world = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    _HOST_GROUPS["world"] = world
+    for name, megatron_group in (("model_parallel", ps.get_model_parallel_group()),
+                                 ("tensor_parallel", ps.get_tensor_model_parallel_group())):
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, dist.get_process_group_ranks(megatron_group), group=world)
+        for ranks in sorted({tuple(r) for r in every}):
+            group = dist.new_group(list(ranks), backend="gloo")
+            if dist.get_rank() in ranks:
+                _HOST_GROUPS[name] = group
 
 
 def current_layout() -> Layout:
@@ -131,15 +157,17 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    _HOST_GROUPS.clear()
     if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
 
 
 # Group accessors: the only handles to Megatron's groups that code outside mcore/ should use.
-def tp_group():
+def tp_group(gloo: bool = False):
+    """This rank's tensor-parallel group (gloo=True: its CPU twin, e.g. for the weight sync's gathers)."""
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_group()
+    return _host_group("tensor_parallel") if gloo else ps.get_tensor_model_parallel_group()
 
 
 def pp_group():
@@ -155,10 +183,24 @@ def dp_group(gloo: bool = False):
     return ps.get_data_parallel_group_gloo() if gloo else ps.get_data_parallel_group()
 
 
-def model_parallel_group():
+def model_parallel_group(gloo: bool = False):
+    """This rank's model-parallel group (TP x PP of one replica); gloo=True: its CPU twin."""
     from megatron.core import parallel_state as ps
 
+    if gloo:
+        return _host_group("model_parallel")
     return ps.get_model_parallel_group()
+
+
+def world_group(gloo: bool = False):
+    """Every rank (gloo=True: a gloo group, the default group itself on a CPU-only job)."""
+    return _host_group("world") if gloo else dist.group.WORLD
+
+
+def _host_group(name: str):
+    if name not in _HOST_GROUPS:
+        raise RuntimeError("the gloo twin groups are made by init_parallel(); call it first")
+    return _HOST_GROUPS[name]
 
 
 def embedding_group():

@@ -53,6 +53,9 @@ class Workload:
     recompute: bool = False  # full activation recompute
     micro_batch_tokens: int = 16384
     optimizer_offload: bool = False  # Adam state + master weights on the host
+    # policy.offload_train_state: params, grads and optimizer of both models on the host during rollout
+    # (mcore/offload.py); the policy's params stay until the weight sync has resumed the engine's KV cache.
+    offload_train_state: bool = False
     rollout_tp: int = 1
     mem_fraction: float = 0.6  # SGLang mem_fraction_static / vLLM gpu_memory_utilization
     rollout_weight_bytes: float = 2.0  # 1 for an FP8 engine
@@ -67,8 +70,8 @@ class Workload:
     rm_has_vocab_head: bool = False  # OREAL's RM replaces the V×h output layer with h→1
     optimizer_steps: int = 1  # optimizer steps per RL step (micro-batches are split across them)
     sync_bucket_mb: int = 512
-    # True for this trainer (runtime.py: one engine per replica, on its stage-0 TP group); False for
-    # systems whose engines span every GPU whatever the training PP (NeMo-RL's vLLM, for the checks).
+    # True: one engine per replica, on its stage-0 TP group (runtime.py by default); False: engines on
+    # every pipeline stage (rollout.engines_on_every_stage; NeMo-RL's vLLM in the published checks).
     engines_on_first_stage: bool = True
     assumptions: Assumptions = field(default_factory=Assumptions)
 
@@ -78,8 +81,8 @@ class Workload:
 
     @property
     def engines(self) -> int:
-        """Rollout engines: one per `rollout_tp` GPUs of the first pipeline stage only (runtime.py puts
-        one engine on each replica's stage-0 TP group), so the other stages wait during rollout."""
+        """Rollout engines: one per `rollout_tp` GPUs, of the first pipeline stage only (the other stages
+        wait during rollout) unless engines run on every stage."""
         stages = self.pp if self.engines_on_first_stage else 1
         return max(self.n_gpus // (self.rollout_tp * stages), 1)
 
@@ -161,9 +164,15 @@ def memory_table(w: Workload) -> dict:
     comp["engine KV cache"] = max(pool - eng_w, 0.0)
     comp["overhead"] = A.overhead_gib * GIB
     state = sum(v for k, v in comp.items() if k.startswith(("policy", "token_rm")))
+    # With policy.offload_train_state the policy's weights leave only after the weight sync, which
+    # resumes the engine's KV cache at its end (runtime.Run.to_rollout): they count in that phase.
+    # TE's FP8 weight copies (1 B/param, the "+1" above) are module workspaces, not parameters:
+    # mcore/offload.py does not move them, so they stay on the GPU through rollout.
+    fp8_copies = (p_pol + (p_rm if w.trained_models >= 2 else 0.0)) if w.fp8 else 0.0
+    in_sync = p_pol * w.dtype_bytes + fp8_copies if w.offload_train_state else 0.0
     phases = {
         "rollout (train state resident)": state + eng_w + comp["engine KV cache"] + comp["overhead"],
-        "rollout (train state offloaded)": eng_w + comp["engine KV cache"] + comp["overhead"],
+        "rollout (train state offloaded)": in_sync + eng_w + comp["engine KV cache"] + comp["overhead"],
         "train (engine released)": state + act + logits + comp["overhead"],
         "reference forward": state + (ref if w.reference_on_host else 0.0) + logits / 2 + comp["overhead"],
     }
@@ -171,10 +180,17 @@ def memory_table(w: Workload) -> dict:
         comp["reference weights"] = ref
         phases = {k: v + ref for k, v in phases.items()}
     hbm = w.gpu.hbm_gib * GIB
-    offload_needed = phases["rollout (train state resident)"] > 0.95 * hbm
+    offload_needed = w.offload_train_state or phases["rollout (train state resident)"] > 0.95 * hbm
+    # What our offload (mcore/offload.py) copies to the host and back: the state less the gradient
+    # buffers (freed without a copy: every update zeroes them first) and TE's FP8 copies (not moved).
+    # Without policy.offload_train_state (a peer's system in published.py, or a plan that says an
+    # offload is needed) the whole state is counted, as before.
+    grads = sum(v for k, v in comp.items() if k.endswith(" grads"))
+    copied = state - grads - fp8_copies if w.offload_train_state else state
     if offload_needed:
-        host["train state (offloaded in rollout)"] = state
+        host["train state (offloaded in rollout)"] = copied
     return {"components": comp, "host": host, "phases": phases, "hbm": hbm, "train_state": state,
+            "offload_bytes": copied,
             "kv_tokens": comp["engine KV cache"] * w.rollout_tp / a.kv_bytes_per_token(2.0),
             "offload_needed": offload_needed}
 
@@ -185,8 +201,9 @@ def memory_table(w: Workload) -> dict:
 def rollout_seconds(w: Workload, kv_tokens: float) -> dict:
     """Decode-bound generation time of one engine (all engines run in parallel on equal shares).
 
-    Engines run on the first pipeline stage only (runtime.py: one per model-parallel replica, on the
-    TP group of stage 0), so with PP > 1 the other stages' GPUs wait during rollout."""
+    Engines run on the first pipeline stage only (runtime.py's default: one per model-parallel replica,
+    on the TP group of stage 0), so with PP > 1 the other stages' GPUs wait during rollout, unless
+    `engines_on_first_stage` is off (rollout.engines_on_every_stage)."""
     a, g, A = w.arch, w.gpu, w.assumptions
     engines = w.engines
     per_engine = math.ceil(w.samples / engines)
@@ -259,7 +276,7 @@ def step_estimate(w: Workload) -> dict:
     if w.reference_on_host:  # copy the reference shard in for its forward (and drop it after)
         stages["reference_swap"] = mem["host"]["reference weights"] / pcie
     if mem["offload_needed"]:  # train state out before rollout, back in before training
-        stages["offload_onload"] = 2 * mem["train_state"] / pcie
+        stages["offload_onload"] = 2 * mem["offload_bytes"] / pcie
     step = sum(stages.values())
     return {"stages": stages, "step_s": step, "memory": mem, "rollout": roll, "train": train, "sync": sync,
             "tokens_per_s_per_gpu": roll["tokens"] / step / w.n_gpus}

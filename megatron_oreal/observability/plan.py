@@ -56,7 +56,9 @@ def workload_from_config(cfg, arch: ModelArch, gpu: str, n_gpus: int, assumption
         distributed_optimizer=cfg.parallel.distributed_optimizer,
         dtype_bytes=4.0 if cfg.policy.dtype == "fp32" else 2.0, fp8=bool(cfg.policy.fp8),
         recompute=cfg.policy.recompute, micro_batch_tokens=cfg.policy.micro_batch_tokens,
-        optimizer_offload=optimizer_offload or bool(getattr(cfg.policy, "optimizer_cpu_offload", False)),
+        optimizer_offload=optimizer_offload,
+        offload_train_state=cfg.policy.offload_train_state,
+        engines_on_first_stage=not cfg.rollout.engines_on_every_stage,
         rollout_tp=cfg.rollout.tensor_parallel_size, mem_fraction=cfg.rollout.mem_fraction_static,
         rollout_weight_bytes=1.0 if cfg.rollout.fp8 else 2.0, samples=samples, prompt_tokens=prompt,
         mean_response_tokens=mean_resp, max_response_tokens=max_resp, train_sequences=train_seqs,
@@ -99,8 +101,8 @@ def format_plan(w: Workload, est: dict, steps: int) -> str:
     for name, b in mem["host"].items():
         per_node = b * min(w.gpu.gpus_per_node, w.n_gpus) / GIB
         lines.append(f"host: {name:<36}{b / GIB:>8.2f}  per GPU ({per_node:.0f} GiB per node)")
-    if mem["offload_needed"]:
-        lines.append("=> the training state does not fit beside the engine: offload it during rollout "
+    if mem["offload_needed"] and not w.offload_train_state:
+        lines.append("=> the training state does not fit beside the engine: set policy.offload_train_state "
                      "(time counted below)")
     lines += ["", f"{'stage':<18}{'seconds':>9}{'share':>8}"]
     for name, sec in est["stages"].items():

@@ -151,14 +151,32 @@ def _patch_cuda_reductions() -> None:
     monkey_patch_torch_reductions()
 
 
+_ENGINE_GROUP = object()  # default: the engine's own group
+
+
 class SGLangIPCTransport:
     """`engine` is this rank's `SGLangEngine` (rollout/sglang_engine.py): `engine.group` is the gloo
     group of its ranks (None when only the leader takes part), `engine.is_leader` marks the rank
     that owns the HTTP server, `engine.tp_size` is SGLang's TP size (one payload per SGLang rank);
-    only the leader calls the engine's HTTP methods."""
+    only the leader calls the engine's HTTP methods.
 
-    def __init__(self, engine: Any, *, serializer: Callable[[Any], str] = serialize_payload) -> None:
+    `group`/`leader_rank` override the engine's group for the weight sync only: the trainer runs a
+    leader-only engine (one rank drives generation) but sends weights from every TP rank of the
+    replica's first stage, SGLang TP rank i reading the buffers of trainer TP rank i, which sits on
+    the same GPU (no CUDA IPC across GPUs). Ranks other than the leader then pass engine=None."""
+
+    def __init__(self, engine: Any, *, group: Any = _ENGINE_GROUP, leader_rank: int | None = None,
+                 serializer: Callable[[Any], str] = serialize_payload) -> None:
         self.engine = engine
+        if group is _ENGINE_GROUP:
+            self.group, self.leader_rank, self.is_leader = engine.group, engine.leader_rank, engine.is_leader
+        else:
+            if group is not None and leader_rank is None:
+                raise ValueError("SGLangIPCTransport: a sync group needs its leader_rank")
+            self.group, self.leader_rank = group, leader_rank
+            self.is_leader = group is None or dist.get_rank() == leader_rank
+            if self.is_leader and engine is None:
+                raise ValueError("SGLangIPCTransport: the leader rank needs the engine")
         self.serializer = serializer
         self.inflight: list[FlatBucket] = []  # buffers the engine may still be reading
         self._checking = False
@@ -166,27 +184,27 @@ class SGLangIPCTransport:
 
     # group helpers ---------------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any] | None:
-        group = self.engine.group
+        group = self.group
         if group is None:
             return [obj]
-        out = [None] * dist.get_world_size(group) if self.engine.is_leader else None
-        dist.gather_object(obj, out, dst=self.engine.leader_rank, group=group)
+        out = [None] * dist.get_world_size(group) if self.is_leader else None
+        dist.gather_object(obj, out, dst=self.leader_rank, group=group)
         return out
 
     def _share(self, obj: Any) -> Any:
         """The leader's `obj` on every rank of the group (the acknowledgement)."""
-        group = self.engine.group
+        group = self.group
         if group is None:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self.engine.leader_rank, group=group)
+        dist.broadcast_object_list(box, src=self.leader_rank, group=group)
         return box[0]
 
     # transport ---------------------------------------------------------------------------------
     def begin(self, check: bool = False) -> None:
         self._checking = check
         error = None
-        if self.engine.is_leader:
+        if self.is_leader:
             try:
                 self.engine.begin_weight_sync(check=check)
             except Exception as exc:  # shared so that no rank waits in a gather that never comes
@@ -207,7 +225,7 @@ class SGLangIPCTransport:
             payloads = [self.serializer(b.sglang_payload()) for b in self.inflight] if has_data else None
             gathered = self._gather(payloads)
             error = None
-            if self.engine.is_leader:
+            if self.is_leader:
                 if not has_data:
                     error = ("the engine's leader rank holds no tensors for this bucket: the weight source must "
                              "deliver full tensors to the first rank of every engine group")
@@ -240,7 +258,7 @@ class SGLangIPCTransport:
 
     def end(self) -> None:
         error = None
-        if self.engine.is_leader:
+        if self.is_leader:
             try:
                 self.engine.end_weight_sync()
             except Exception as exc:
@@ -256,6 +274,6 @@ class SGLangIPCTransport:
         if not self._checking:
             raise RuntimeError("verify() needs begin(check=True)")
         problems = None
-        if self.engine.is_leader:
+        if self.is_leader:
             problems = self.engine.compare_weights_with_snapshot()
         return self._share(problems) or []

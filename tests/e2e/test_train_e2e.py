@@ -66,7 +66,11 @@ LAYOUTS = {"tp2": ("parallel.tensor=2",), "pp2": ("parallel.pipeline=2",),
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_steps_model_parallel_and_kill_resume(assets, name):
     """2 processes through every stage; at PP=2 and with the distributed optimizer over DP=2, a kill -9
-    of the job during step 2 and a rerun of the same command end bit-identical to the uninterrupted run."""
+    of the job during step 2 and a rerun of the same command end bit-identical to the uninterrupted run.
+    The killed and resumed runs move their train state to the host during every rollout
+    (policy.offload_train_state, mcore/offload.py): so the same comparison also shows that the loop's
+    offload/reload choreography (Run.to_rollout / to_training, checkpoints taken while offloaded)
+    changes nothing."""
     root, cfg = assets
     layout = LAYOUTS[name]
     run_dir = root / name
@@ -78,6 +82,7 @@ def test_two_steps_model_parallel_and_kill_resume(assets, name):
     if name == "tp2":
         return
     killed = root / f"{name}_killed"
+    layout = (*layout, "policy.offload_train_state=true")
     with pytest.raises(AssertionError, match="exited"):  # every rank SIGKILLs itself in step 2
         run_torchrun(MAIN, 2, ["train", cfg, f"run_dir={killed}", *layout], timeout=400,
                      env={"OREAL_TEST_FAULT": "train:1:kill"})

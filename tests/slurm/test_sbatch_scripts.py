@@ -45,6 +45,25 @@ def test_gpu_scripts_one_task_per_gpu(name):
     d = _directives(text)
     assert d["ntasks-per-node"] == d["gpus-per-node"] == "8"
     assert "nccl.sh" in text and "torchrun" not in text.split("#SBATCH")[-1]
+    # The engine's server processes and the verifier pool inherit their rank's CPU mask: no per-task
+    # core binding, or they would share one rank's cores during rollout.
+    srun_lines = [ln for ln in text.splitlines() if ln.startswith("oreal_srun")]
+    assert srun_lines and all("--cpu-bind=none" in ln for ln in srun_lines), srun_lines
+    assert "--cpu-bind=cores" not in text
+
+
+def test_multinode_header_node_counts_match_the_recipes():
+    """The script's header and its default node count agree with the recipes' own "(N nodes x 8)"."""
+    text = (SLURM_DIR / "train_multinode.sbatch").read_text()
+    header = text.split("#SBATCH")[0]
+    nodes = {}
+    for recipe in ("qwen2.5-7b.yaml", "qwen2.5-32b.yaml", "qwen2.5-32b-fp8.yaml"):
+        m = re.search(r"\((\d+) nodes x 8\)", (SLURM_DIR.parent / recipe).read_text().splitlines()[0])
+        nodes[recipe] = int(m.group(1))
+    assert _directives(text)["nodes"] == str(nodes["qwen2.5-7b.yaml"]) == "4"
+    assert "the 7B recipes" in header
+    assert f"32B BF16 recipe needs\n# --nodes={nodes['qwen2.5-32b.yaml']}" in header
+    assert f"32B FP8 one --nodes={nodes['qwen2.5-32b-fp8.yaml']}" in header
 
 
 def test_common_sh_turns_usr1_into_the_flag_file():

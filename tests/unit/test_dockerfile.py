@@ -84,7 +84,7 @@ def _pip_installs() -> list[tuple[int, list[str]]]:
 
 def test_every_pip_install_is_pinned():
     installs = _pip_installs()
-    assert len(installs) >= 6, installs  # torch, sglang, TE, flash-attn, apex, requirements, the package
+    assert len(installs) >= 6, installs  # torch, sglang, TE, apex, requirements, the package
     for line, tokens in installs:
         skip_next = False
         for tok in tokens:
@@ -123,7 +123,7 @@ def test_base_image_and_versions_match_the_cpu_pins():
 
 def test_build_order_torch_first_then_extensions_then_patches():
     text = DOCKERFILE.read_text()
-    order = ["pip install torch==", "pip install sglang==", "transformer_engine[", "flash-attn==",
+    order = ["pip install torch==", "pip install sglang==", "transformer_engine[",
              "git -C /tmp/apex checkout ${APEX_COMMIT}", "COPY . .", "python patches/apply.py"]  # fmt: skip
     positions = [text.find(marker) for marker in order]
     assert -1 not in positions, dict(zip(order, positions))
@@ -140,8 +140,18 @@ def test_gpu_requirements_agree_with_the_image():
     """requirements-gpu.txt documents the GPU pins; the image is what installs them."""
     args = _args()
     gpu = _pins(REPO / "requirements-gpu.txt")
-    image = {"transformer-engine": args["TE_VERSION"], "flash-attn": args["FLASH_ATTN_VERSION"],
-             "sglang": args["SGLANG_VERSION"]}  # fmt: skip
+    image = {"transformer-engine": args["TE_VERSION"], "sglang": args["SGLANG_VERSION"]}
     stale = {k: (gpu.get(k), v) for k, v in image.items() if gpu.get(k) != v}
     if stale:
         pytest.xfail(f"requirements-gpu.txt (not this module's file) differs from the verified image pins: {stale}")
+
+
+def test_no_flash_attn_build_under_cuda13():
+    """flash-attn 2.8.3 from source fails under the image's CUDA 13: the image must not build it, must
+    remove NGC's copy (built for NGC's torch, it would not load with ours), and not claim it."""
+    installs = [tok for _, toks in _pip_installs() for tok in toks]
+    assert not any(tok.lower().replace("_", "-").startswith("flash-attn") for tok in installs), installs
+    uninstall = next(rest for _, word, rest in _instructions() if word == "RUN" and "pip uninstall" in rest)
+    assert " flash-attn " in uninstall
+    assert "FLASH_ATTN" not in "".join(f"{w} {r}" for _, w, r in _instructions())
+    assert "flash-attn" not in _pins(REPO / "requirements-gpu.txt")

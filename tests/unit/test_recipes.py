@@ -50,7 +50,7 @@ def test_recipe_has_oreal_hyperparameters(name):
             0.01, 1.0, 0.9, 0.999, 1e-8)
     assert cfg.data.system_prompt == system and cfg.data.prompt_format == "chat" and cfg.data.difficulty_balance
     assert cfg.parallel.tensor == tp and cfg.policy.dtype == "bf16"
-    # GPU choices: SGLang co-located, one engine per replica on its first stage's TP GPUs (runtime.py
+    # GPU choices: SGLang co-located, one engine per replica's stage TP GPUs (runtime.py
     # Comm.is_engine_rank), so the engine's TP must be the training TP and fit in one 8-GPU node.
     assert cfg.rollout.engine == "sglang" and cfg.rollout.tensor_parallel_size == tp <= 8
     assert cfg.parallel.distributed_optimizer and cfg.policy.recompute and cfg.rollout.log_logprob_mismatch
@@ -84,24 +84,38 @@ def test_recipe_fits_h100_per_planner(name, capsys):
         assert comps[key] > 0, key
     assert comps["engine KV cache"] > 10 * GIB  # room for long (16k-token) rollouts
     for phase, b in mem["phases"].items():
+        if phase == "rollout (train state resident)" and cfg.policy.offload_train_state:
+            continue  # what the offload avoids
         assert b <= 0.95 * mem["hbm"], f"{name}: {phase} needs {b / GIB:.1f} GiB"
-    assert not mem["offload_needed"] and "offload_onload" not in est["stages"]
+    offload = cfg.policy.offload_train_state
+    assert mem["offload_needed"] == offload and ("offload_onload" in est["stages"]) == offload
     assert plan.main([str(EXAMPLES / name), "--gpus", str(gpus), "--model", model]) == 0
     out = capsys.readouterr().out
-    assert "memory per GPU" in out and "NO" not in out and "offload it during rollout" not in out
+    assert "memory per GPU" in out and "set policy.offload_train_state" not in out
+    # only the "what if it stayed resident" line may say NO, and only when the recipe offloads
+    no = [line for line in out.splitlines() if line.rstrip().endswith("NO")]
+    assert no == ([line for line in no if line.startswith("rollout (train state resident)")] if offload else [])
 
 
-def test_32b_without_pipeline_needs_offload_per_planner():
-    """Why the 32B recipes use PP 2 (their comments, docs/gpu.md §3): at TP 8 / PP 1 the planner asks
-    for the training state to be offloaded during rollout, which the trainer cannot do yet."""
+def test_32b_recipes_offload_at_pp1_and_beat_pp2_per_planner():
+    """Why the 32B recipes run TP 8 / PP 1 with policy.offload_train_state (their comments, docs/gpu.md
+    §3): without offload the train state does not fit beside the engine at PP 1, and with it every GPU
+    rolls out, which the planner says is faster than PP 2 with engines on the first stage only."""
     from megatron_oreal.observability import plan
-    from megatron_oreal.observability.estimate import memory_table
+    from megatron_oreal.observability.estimate import memory_table, step_estimate
     from megatron_oreal.observability.flops import arch_by_name
 
     for name, gpus in (("qwen2.5-32b.yaml", 64), ("qwen2.5-32b-fp8.yaml", 128)):
-        cfg = load_config(EXAMPLES / name, ["parallel.pipeline=1"])
-        mem = memory_table(plan.workload_from_config(cfg, arch_by_name("qwen2.5-32b"), "h100-80g", gpus))
-        assert mem["offload_needed"], name
+        arch = arch_by_name("qwen2.5-32b")
+        cfg = load_config(EXAMPLES / name)
+        assert (cfg.parallel.pipeline, cfg.policy.offload_train_state) == (1, True), name
+        resident = load_config(EXAMPLES / name, ["policy.offload_train_state=false"])
+        assert memory_table(plan.workload_from_config(resident, arch, "h100-80g", gpus))["offload_needed"], name
+        old = load_config(EXAMPLES / name, ["policy.offload_train_state=false", "parallel.pipeline=2",
+                                            "rollout.mem_fraction_static=0.4"])
+        new_est = step_estimate(plan.workload_from_config(cfg, arch, "h100-80g", gpus))
+        old_est = step_estimate(plan.workload_from_config(old, arch, "h100-80g", gpus))
+        assert new_est["tokens_per_s_per_gpu"] > old_est["tokens_per_s_per_gpu"], name
     cfg = load_config(EXAMPLES / "qwen2.5-7b.yaml", ["rollout.mem_fraction_static=0.6"])
     assert memory_table(plan.workload_from_config(cfg, arch_by_name("qwen2.5-7b"), "h100-80g", 32))["offload_needed"]
 

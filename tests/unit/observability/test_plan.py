@@ -45,6 +45,41 @@ def test_memory_switches():
         memory_table(replace(base, n_gpus=6))
 
 
+def test_train_state_offload_phases_hand_computed():
+    """policy.offload_train_state: the rollout phase holds the engine, the overhead and, until the weight
+    sync has resumed the KV cache, the policy's bf16 weights plus (FP8) TE's weight copies, which are not
+    parameters and never move; the host holds the rest; the copies both ways are charged every step."""
+    a = arch_by_name("qwen2.5-32b")
+    base = Workload(a, gpu_by_name("h100-80g"), 128, tp=8, rollout_tp=8, micro_batch_tokens=16384)
+    off = replace(base, offload_train_state=True)
+    m, mo = memory_table(base), memory_table(off)
+    c = mo["components"]
+    engine = c["engine weights"] + c["engine KV cache"] + c["overhead"]
+    p_pol = c["policy grads"] / 4  # params per GPU (fp32 grads: 4 B each)
+    assert mo["phases"]["rollout (train state offloaded)"] == pytest.approx(engine + p_pol * 2)
+    assert m["phases"]["rollout (train state offloaded)"] == pytest.approx(engine)  # the old "what if"
+    assert mo["offload_needed"] and "offload_onload" in step_estimate(off)["stages"]
+    grads = c["policy grads"] + c["token_rm grads"]  # freed, not copied
+    assert mo["host"]["train state (offloaded in rollout)"] == pytest.approx(mo["train_state"] - grads)
+    pcie = off.gpu.pcie_bw * off.assumptions.link_eff
+    assert step_estimate(off)["stages"]["offload_onload"] == pytest.approx(2 * (mo["train_state"] - grads) / pcie)
+    f8 = memory_table(replace(off, fp8=True))
+    p_rm = f8["components"]["token_rm grads"] / 4
+    copies = p_pol + p_rm  # 1 B/param for each trained model
+    assert f8["phases"]["rollout (train state offloaded)"] == pytest.approx(engine + p_pol * 2 + copies)
+    assert f8["host"]["train state (offloaded in rollout)"] == pytest.approx(f8["train_state"] - copies - grads)
+
+
+def test_engines_on_every_stage_and_from_config():
+    a, g = arch_by_name("qwen2.5-32b"), gpu_by_name("h100-80g")
+    w = Workload(a, g, 128, tp=8, pp=2, rollout_tp=8)
+    assert (w.engines, replace(w, engines_on_first_stage=False).engines) == (8, 16)
+    cfg = load_config(None, ["parallel.tensor=8", "parallel.pipeline=2", "rollout.tensor_parallel_size=8",
+                             "rollout.engines_on_every_stage=true", "policy.offload_train_state=true"])
+    w = plan.workload_from_config(cfg, a, "h100-80g", 128)
+    assert w.engines == 16 and w.offload_train_state and not w.engines_on_first_stage
+
+
 def test_time_model_directions():
     w = Workload(arch_by_name("qwen2.5-32b"), gpu_by_name("h100-80g"), 64, tp=8, micro_batch_tokens=16384,
                  rollout_tp=8, samples=1024, mean_response_tokens=4000, max_response_tokens=8000,
