@@ -25,17 +25,37 @@ def _cuda() -> bool:
 
 
 def peak_memory_gb(reset: bool = False) -> float:
-    """CUDA max allocated on this rank's device when CUDA is in use, else this process's resident set."""
+    """Peak memory of this rank since the last reset: CUDA max allocated when CUDA is in use, else the
+    process's peak resident set (Linux VmHWM; `reset` clears it through /proc/self/clear_refs, so each
+    step reports its own peak). Where neither file is usable: the resident set now."""
     if _cuda():
         peak = torch.cuda.max_memory_allocated() / 2**30
         if reset:
             torch.cuda.reset_peak_memory_stats()
         return peak
-    import psutil
+    peak = _vm_hwm_bytes()
+    if peak is None:
+        import psutil
 
-    info = psutil.Process().memory_info()
-    # ru_maxrss would be the true peak, but it never resets; RSS now is the honest per-step figure.
-    return info.rss / 2**30
+        return psutil.Process().memory_info().rss / 2**30
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5" resets the peak RSS (proc(5)); the pages themselves stay
+        except OSError:
+            pass
+    return peak / 2**30
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @contextlib.contextmanager
