@@ -12,7 +12,9 @@ examples/tiny/data/train.jsonl (each side shuffles them its own way).
 - oreal: ours, full OREAL (examples/tiny/oreal.yaml: 1+1 selection, token RM) with the actor trained
          from the first step (actor_freeze_steps=0) so every step has its optimizer step.
 Ours runs `python -m megatron_oreal profile` (rollout, reward, reference + policy passes, weight
-sync: the whole step). Step times are wall seconds of whole optimizer steps; the first step of each
+sync: the whole step). CPU s/step is the main process's CPU time per step (TRL: its one process; ours:
+the trainer process, which runs the rollout engine in-process; the reward workers, a few ms a step,
+are not counted): unlike wall time it hardly moves when other jobs share the cores. Step times are wall seconds of whole optimizer steps; the first step of each
 side is warm-up and is left out of the median. Peak RSS is each side's process tree (wait4's
 ru_maxrss: the largest single process of that tree; our reward workers are separate small processes).
 
@@ -88,6 +90,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run the sides this many times, interleaved")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads for both sides (0 = default)")
     ap.add_argument("--sides", default="trl,grpo,oreal")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL with activation recomputation (an extra forward; ours does not recompute)")
     ap.add_argument("--keep", default="", help="keep the run dirs and logs here (default: a temp dir)")
     args = ap.parse_args()
     sides = [s for s in args.sides.split(",") if s]
@@ -105,7 +109,7 @@ def main() -> int:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
-    results: dict[str, dict] = {s: {"step_s": [], "peak_gb": 0.0, "load": []} for s in sides}
+    results: dict[str, dict] = {s: {"step_s": [], "cpu_s": [], "peak_gb": 0.0, "load": []} for s in sides}
     for rnd in range(args.rounds):
         for side in sides:
             tag = f"{side}_r{rnd}"
@@ -115,6 +119,7 @@ def main() -> int:
             if side == "trl":
                 cmd = [str(trl_py), str(ROOT / "tools/trl_grpo_side.py"), "--model", str(ROOT / "examples/tiny/model"),
                        "--prompts", str(prompts), "--steps", str(args.steps), "--out", str(out)]
+                cmd += ["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []
             else:
                 cmd = [sys.executable, "-m", "megatron_oreal", "profile", str(ROOT / "examples/tiny/oreal.yaml"),
                        "--steps", str(args.steps), "--metrics-out", str(out),
@@ -125,20 +130,25 @@ def main() -> int:
                 return 1
             data = json.loads(out.read_text())
             times = data["step_s"] if side == "trl" else [m["time/step"] for m in data]
+            cpu = data["cpu_s"] if side == "trl" else [m["cpu/step_s"] for m in data]
             r = results[side]
             r["step_s"].append(median_after_warmup(times))
+            r["cpu_s"].append(median_after_warmup(cpu))
             r["peak_gb"] = max(r["peak_gb"], peak)
             r["load"].append((load0, os.getloadavg()[0]))
-            print(f"{tag}: median {r['step_s'][-1]:.3f} s/step over {len(times) - 1} steps, peak RSS {peak:.2f} GiB, "
+            print(f"{tag}: median {r['step_s'][-1]:.3f} s/step ({r['cpu_s'][-1]:.3f} CPU s) over {len(times) - 1} "
+                  f"steps, peak RSS {peak:.2f} GiB, "
                   f"wall {time.perf_counter() - t0:.0f} s, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}",
                   flush=True)
 
-    print(f"\n{'side':<8}{'median s/step':>15}{'vs TRL':>9}{'peak RSS GiB':>14}")
+    print(f"\n{'side':<8}{'median s/step':>15}{'vs TRL':>9}{'CPU s/step':>12}{'vs TRL':>9}{'peak RSS GiB':>14}")
     trl = statistics.median(results["trl"]["step_s"]) if "trl" in results else None
+    trl_cpu = statistics.median(results["trl"]["cpu_s"]) if "trl" in results else None
     for side, r in results.items():
-        med = statistics.median(r["step_s"])
+        med, cpu = statistics.median(r["step_s"]), statistics.median(r["cpu_s"])
         ratio = f"{med / trl:.2f}x" if trl else "-"
-        print(f"{side:<8}{med:>15.3f}{ratio:>9}{r['peak_gb']:>14.2f}")
+        cratio = f"{cpu / trl_cpu:.2f}x" if trl_cpu else "-"
+        print(f"{side:<8}{med:>15.3f}{ratio:>9}{cpu:>12.3f}{cratio:>9}{r['peak_gb']:>14.2f}")
     print(f"(cpu count {os.cpu_count()}, threads {args.threads or 'default'}, {args.rounds} round(s); "
           f"work dir {work})")
     return 0

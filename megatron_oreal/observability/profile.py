@@ -71,6 +71,8 @@ def summarize(steps: Sequence[Mapping[str, float]], skip_first: int = 1) -> dict
         "mfu": _mean([m["mfu"] for m in used if "mfu" in m]),
         "peak_gb": max(peak) if peak else None,
         "step_median_s": statistics.median(step_times) if step_times else None,
+        "cpu_median_s": statistics.median(cpu) if (cpu := [float(m["cpu/step_s"]) for m in used
+                                                            if "cpu/step_s" in m]) else None,
     }
 
 
@@ -102,7 +104,8 @@ def format_profile_table(steps: Sequence[Mapping[str, float]], skip_first: int =
     lines.append("-" * len(header))
     lines.append(f"{'step':<14}{step_s:>10.3f}{'100.0%':>8}{cell(s['tokens/s'], '{:.0f}'):>12}"
                  f"{cell(s['mfu'], '{:.1%}'):>8}{'':>11}")
-    lines.append(f"median step: {cell(s['step_median_s'], '{:.3f} s')}")
+    lines.append(f"median step: {cell(s['step_median_s'], '{:.3f} s')} wall, "
+                 f"{cell(s['cpu_median_s'], '{:.3f} s')} CPU (this process)")
     lines.append(f"peak memory: {cell(s['peak_gb'], '{:.2f} GiB')}{_PEAK_NOTE}")
     return "\n".join(lines)
 

@@ -86,6 +86,7 @@ class StageTimer:
         self._times: OrderedDict[str, float] = OrderedDict()
         self._active: list[str] = []
         self._step_start = clock()
+        self._cpu_start = time.process_time()
 
     def _synchronize(self) -> None:
         if (self._sync if self._sync is not None else _cuda()) and _cuda():
@@ -111,7 +112,8 @@ class StageTimer:
 
     def step_end(self) -> dict[str, float]:
         """Metrics of the finished step: `time/<stage>`, `time/step` (wall, including untimed gaps),
-        `memory/peak_gb` (then the CUDA peak is reset so the next step reports its own)."""
+        `memory/peak_gb` (then the peak is reset so the next step reports its own) and `cpu/step_s`
+        (this process's CPU seconds), the last two unless track_memory=False."""
         if self._active:
             raise RuntimeError(f"StageTimer.step_end() inside stage(s) {self._active}")
         now = self._clock()
@@ -119,6 +121,11 @@ class StageTimer:
         out["time/step"] = now - self._step_start
         if self._track_memory:
             out["memory/peak_gb"] = peak_memory_gb(reset=True)
+            # CPU seconds this process spent in the step (all its threads): unlike wall time it barely
+            # moves when other jobs share the cores, so it is what tools/bench_vs_trl.py compares too.
+            cpu = time.process_time()
+            out["cpu/step_s"] = cpu - self._cpu_start
+            self._cpu_start = cpu
         self._times = OrderedDict()
         self._step_start = now
         return out

@@ -57,6 +57,20 @@ def test_peak_memory_is_process_rss_on_cpu():
     assert "memory/peak_gb" in StageTimer().step_end()
 
 
+def test_step_cpu_seconds_count_this_process_work():
+    import time
+
+    timer = StageTimer()
+    timer.step_end()
+    t = time.process_time()
+    while time.process_time() - t < 0.2:  # busy: CPU time accrues
+        pass
+    busy = timer.step_end()["cpu/step_s"]
+    time.sleep(0.2)  # idle: wall time passes, CPU time does not
+    idle = timer.step_end()["cpu/step_s"]
+    assert busy >= 0.19 and idle < 0.1
+
+
 def test_cpu_peak_memory_sees_a_freed_allocation_until_reset():
     import os
 
