@@ -23,19 +23,36 @@ Tensor = torch.Tensor
 PostFn = Callable[[int, MicroBatch, Tensor], tuple[Tensor, dict]]
 
 
+def _attention_kind(model) -> str:
+    """"thd" (Transformer Engine), "packed" (PackedLocalAttention) or "dense" (local, [L, L] mask).
+
+    Cached on the model: the layer types never change after building, and scanning every module
+    on each schedule call (several per step) showed up in the CPU step profile.
+    """
+    from megatron_oreal.mcore.cpu_attention import PackedLocalAttention
+
+    m = unwrap(model)
+    kind = getattr(m, "_oreal_attention_kind", None)
+    if kind is None:
+        mods = list(m.modules())
+        if any(type(x).__name__ == "TEDotProductAttention" for x in mods):
+            kind = "thd"
+        elif any(isinstance(x, PackedLocalAttention) for x in mods):
+            kind = "packed"
+        else:
+            kind = "dense"
+        m._oreal_attention_kind = kind
+    return kind
+
+
 def uses_thd(model) -> bool:
     """True when the model runs Transformer Engine attention (packed THD input, no dense mask)."""
-    for module in unwrap(model).modules():
-        if type(module).__name__ == "TEDotProductAttention":
-            return True
-    return False
+    return _attention_kind(model) == "thd"
 
 
 def uses_packed_local(model) -> bool:
     """True when the local spec's attention is PackedLocalAttention (takes cu_seqlens, no dense mask)."""
-    from megatron_oreal.mcore.cpu_attention import PackedLocalAttention
-
-    return any(isinstance(m, PackedLocalAttention) for m in unwrap(model).modules())
+    return _attention_kind(model) == "packed"
 
 
 def needs_dense_mask(model) -> bool:
