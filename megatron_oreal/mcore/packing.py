@@ -4,8 +4,8 @@ One builder serves both paths. Each micro-batch is one row [1, L] of whole promp
 with position ids restarting per sequence. On the local (CPU) spec the row's `cu_seqlens` go to
 PackedLocalAttention (cpu_attention.py), which attends within each sequence (cost Σ len², no [L, L]
 mask); a local-spec model without it gets the dense block-diagonal causal mask; on GPUs the same
-row goes to Transformer Engine attention as THD with `cu_seqlens` (`packed_seq_params`). RoPE depends only on relative positions, so a sequence's offset inside a row
-does not change its outputs.
+row goes to Transformer Engine attention as THD with `cu_seqlens` (`packed_seq_params`). RoPE
+depends only on relative positions, so a sequence's offset inside a row does not change its outputs.
 
 Split of one step's batch (identical on every rank):
   1. across DP ranks: longest-first greedy onto the rank with the fewest tokens (balanced compute);
