@@ -23,12 +23,41 @@ Tensor = torch.Tensor
 PostFn = Callable[[int, MicroBatch, Tensor], tuple[Tensor, dict]]
 
 
+def _attention_kind(model) -> str:
+    """"thd" (Transformer Engine), "packed" (PackedLocalAttention) or "dense" (local, [L, L] mask).
+
+    Cached on the model: the layer types never change after building, and scanning every module
+    on each schedule call (several per step) showed up in the CPU step profile.
+    """
+    from megatron_oreal.mcore.cpu_attention import PackedLocalAttention
+
+    m = unwrap(model)
+    kind = getattr(m, "_oreal_attention_kind", None)
+    if kind is None:
+        mods = list(m.modules())
+        if any(type(x).__name__ == "TEDotProductAttention" for x in mods):
+            kind = "thd"
+        elif any(isinstance(x, PackedLocalAttention) for x in mods):
+            kind = "packed"
+        else:
+            kind = "dense"
+        m._oreal_attention_kind = kind
+    return kind
+
+
 def uses_thd(model) -> bool:
     """True when the model runs Transformer Engine attention (packed THD input, no dense mask)."""
-    for module in unwrap(model).modules():
-        if type(module).__name__ == "TEDotProductAttention":
-            return True
-    return False
+    return _attention_kind(model) == "thd"
+
+
+def uses_packed_local(model) -> bool:
+    """True when the local spec's attention is PackedLocalAttention (takes cu_seqlens, no dense mask)."""
+    return _attention_kind(model) == "packed"
+
+
+def needs_dense_mask(model) -> bool:
+    """True when packed rows need the [1, 1, L, L] block-causal mask (neither THD nor PackedLocalAttention)."""
+    return not uses_thd(model) and not uses_packed_local(model)
 
 
 def token_logprobs(local_logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
@@ -59,14 +88,23 @@ def run_schedule(model, micro_batches: list[MicroBatch], post: PostFn, *, forwar
     if not micro_batches:
         raise ValueError("run_schedule: no micro-batches (build_micro_batches always returns at least one)")
     n = len(micro_batches)
-    thd = uses_thd(model)
+    thd, packed_local = uses_thd(model), uses_packed_local(model)
     device = next(unwrap(model).parameters()).device
 
     def forward_step(data_iterator, chunk):
         idx, mb = next(data_iterator)
         mb = mb.to(device)
-        kwargs = {"packed_seq_params": mb.packed_seq_params()} if thd else {}
-        out = chunk(mb.tokens, mb.position_ids, None if thd else mb.attention_mask, **kwargs)
+        if thd:
+            kwargs = {"packed_seq_params": mb.packed_seq_params()}
+        elif packed_local:
+            kwargs = {"packed_seq_params": mb.local_packed_seq_params()}
+        else:
+            kwargs = {}
+        mask = None if kwargs else mb.attention_mask
+        if mask is None and not kwargs:
+            raise ValueError("run_schedule: this model needs the dense block-causal mask; build the "
+                             "micro-batches with with_mask=needs_dense_mask(model)")
+        out = chunk(mb.tokens, mb.position_ids, mask, **kwargs)
 
         def loss_func(output_tensor):
             loss, metrics = post(idx, mb, output_tensor)

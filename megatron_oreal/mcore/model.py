@@ -36,7 +36,12 @@ def _layer_spec(use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_oreal.mcore.cpu_attention import PackedLocalAttention
+
+    # The local spec's DotProductAttention costs (packed row)²; ours takes the row's cu_seqlens.
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedLocalAttention
+    return spec
 
 
 def build_policy(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "", use_te: bool | None = None,

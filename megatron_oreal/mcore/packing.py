@@ -1,10 +1,11 @@
 """Packed micro-batches: sequences concatenated into rows, no padding waste (DESIGN.md decision 9).
 
 One builder serves both paths. Each micro-batch is one row [1, L] of whole prompt+response sequences
-with position ids restarting per sequence. On the local (CPU) spec the row runs with a block-diagonal
-causal mask; on GPUs the same row goes to Transformer Engine attention as THD with `cu_seqlens`
-(`packed_seq_params`). RoPE depends only on relative positions, so a sequence's offset inside a row
-does not change its outputs.
+with position ids restarting per sequence. On the local (CPU) spec the row's `cu_seqlens` go to
+PackedLocalAttention (cpu_attention.py), which attends within each sequence (cost Σ len², no [L, L]
+mask); a local-spec model without it gets the dense block-diagonal causal mask; on GPUs the same
+row goes to Transformer Engine attention as THD with `cu_seqlens` (`packed_seq_params`). RoPE
+depends only on relative positions, so a sequence's offset inside a row does not change its outputs.
 
 Split of one step's batch (identical on every rank):
   1. across DP ranks: longest-first greedy onto the rank with the fewest tokens (balanced compute);
@@ -65,6 +66,18 @@ class MicroBatch:
         return PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
         )
+
+    def local_packed_seq_params(self):
+        """The row's sequence offsets for the local spec's PackedLocalAttention (cpu_attention.py).
+
+        qkv_format "sbhd": Megatron keeps the row as [L, 1, ...] and applies RoPE along it as with the
+        dense mask; GPTModel sizes the RoPE table from max_seqlen_q, so that is the row length here.
+        """
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        n = self.tokens.shape[1]
+        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=n, max_seqlen_kv=n)
 
     def to(self, device) -> "MicroBatch":
         mv = lambda t: None if t is None else t.to(device)

@@ -29,7 +29,7 @@ from megatron_oreal.algo.losses import policy_loss, rm_loss
 from megatron_oreal.algo.token_weights import token_weights
 from megatron_oreal.config import AlgoConfig, OptimConfig
 from megatron_oreal.mcore import optim
-from megatron_oreal.mcore.forward import response_values, run_schedule, token_logprobs, uses_thd
+from megatron_oreal.mcore.forward import needs_dense_mask, response_values, run_schedule, token_logprobs
 from megatron_oreal.mcore.model import unwrap
 from megatron_oreal.mcore.packing import MicroBatch, build_micro_batches, local_counts
 from megatron_oreal.mcore.parallel import dp_group, pp_group, pp_ranks
@@ -130,7 +130,7 @@ class OrealTrainer:
         # FP8 GEMMs (Transformer Engine) need the token dimension in multiples of 16.
         pad = 16 if getattr(unwrap(self.policy).config, "fp8", None) else 1
         return build_micro_batches(batch, self.layout.dp_rank, self.layout.dp, self.micro_batch_tokens,
-                                   with_mask=not uses_thd(self.policy), pad_to_multiple=pad)
+                                   with_mask=needs_dense_mask(self.policy), pad_to_multiple=pad)
 
     def _rm_pass(self, mbs, counts, step):
         """Token-RM forward/backward + step; returns (ω⁺, ω⁻) per micro-batch (last stage) and metrics."""
@@ -285,7 +285,7 @@ def compute_logprobs(model, batch: TrainBatch, layout, *, micro_batch_tokens: in
     model's `.arch`. Results are gathered from the last pipeline stage of every DP replica.
     """
     vocab = unwrap(model).arch.vocab_size
-    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=not uses_thd(model))
+    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=needs_dense_mask(model))
     local: dict[int, Tensor] = {}
 
     def post(idx, mb, output):
@@ -316,7 +316,7 @@ def sft_update(ddp_model, optimizer, batch: TrainBatch, layout, *, lr: float | N
     as the RL step, so the gradient does not depend on the DP / micro-batch split.
     """
     vocab = unwrap(ddp_model).arch.vocab_size
-    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=not uses_thd(ddp_model))
+    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=needs_dense_mask(ddp_model))
     n_all = max(_all_reduce_counts(mbs, layout)["n_all"], 1.0)
 
     def post(idx, mb, output):

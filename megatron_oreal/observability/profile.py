@@ -54,6 +54,7 @@ def summarize(steps: Sequence[Mapping[str, float]], skip_first: int = 1) -> dict
                 stages.append(key[5:])
     mean_stage = {s: _mean([m.get(f"time/{s}", 0.0) for m in used]) for s in stages}
     step_s = _mean([m["time/step"] for m in used if "time/step" in m]) or sum(mean_stage.values())
+    step_times = [float(m["time/step"]) for m in used if "time/step" in m]
     rates: dict[str, dict[str, float]] = {s: {} for s in stages}
     for metric, owners in _STAGE_RATE_DEFAULTS.items():
         owner = next((o for o in owners if o in stages), None)
@@ -69,7 +70,17 @@ def summarize(steps: Sequence[Mapping[str, float]], skip_first: int = 1) -> dict
         "tokens/s": _mean([m["tokens/s"] for m in used if "tokens/s" in m]),
         "mfu": _mean([m["mfu"] for m in used if "mfu" in m]),
         "peak_gb": max(peak) if peak else None,
+        "step_median_s": statistics.median(step_times) if step_times else None,
+        "cpu_median_s": statistics.median(cpu) if (cpu := [float(m["cpu/step_s"]) for m in used
+                                                            if "cpu/step_s" in m]) else None,
     }
+
+
+# What bounds the figure (README "Profiling"): on a GPU the CUDA allocator's peak; on a CPU the peak
+# resident set of the step. Activations are held for one micro-batch at a time (PP=1; at PP>1 for at
+# most PP in flight), and a micro-batch holds at most policy.micro_batch_tokens tokens (or one longer
+# sequence), so the activation part grows with micro_batch_tokens, not with the batch size.
+_PEAK_NOTE = " (per step; activations bounded by policy.micro_batch_tokens)"
 
 
 def format_profile_table(steps: Sequence[Mapping[str, float]], skip_first: int = 1) -> str:
@@ -93,7 +104,9 @@ def format_profile_table(steps: Sequence[Mapping[str, float]], skip_first: int =
     lines.append("-" * len(header))
     lines.append(f"{'step':<14}{step_s:>10.3f}{'100.0%':>8}{cell(s['tokens/s'], '{:.0f}'):>12}"
                  f"{cell(s['mfu'], '{:.1%}'):>8}{'':>11}")
-    lines.append(f"peak memory: {cell(s['peak_gb'], '{:.2f} GiB')}")
+    lines.append(f"median step: {cell(s['step_median_s'], '{:.3f} s')} wall, "
+                 f"{cell(s['cpu_median_s'], '{:.3f} s')} CPU (this process)")
+    lines.append(f"peak memory: {cell(s['peak_gb'], '{:.2f} GiB')}{_PEAK_NOTE}")
     return "\n".join(lines)
 
 
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps to run (default 3; the first is warm-up)")
     parser.add_argument("--trace-steps", default="",
                         help="PyTorch-profiler trace for steps a:b, counted from 0 at this command's first step")
+    parser.add_argument("--metrics-out", default="",
+                        help="also write every step's metrics to this JSON file (a list, one dict per step)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
     if args.steps <= 0:
@@ -194,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         window.close()
     if rank == 0:
         print(format_profile_table(steps))
+        if args.metrics_out:
+            import json
+
+            plain = [{k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))} for m in steps]
+            Path(args.metrics_out).write_text(json.dumps(plain, indent=1) + "\n")
         if window.written:
             print(f"trace: {window.written}")
     return 0

@@ -25,17 +25,37 @@ def _cuda() -> bool:
 
 
 def peak_memory_gb(reset: bool = False) -> float:
-    """CUDA max allocated on this rank's device when CUDA is in use, else this process's resident set."""
+    """Peak memory of this rank since the last reset: CUDA max allocated when CUDA is in use, else the
+    process's peak resident set (Linux VmHWM; `reset` clears it through /proc/self/clear_refs, so each
+    step reports its own peak). Where neither file is usable: the resident set now."""
     if _cuda():
         peak = torch.cuda.max_memory_allocated() / 2**30
         if reset:
             torch.cuda.reset_peak_memory_stats()
         return peak
-    import psutil
+    peak = _vm_hwm_bytes()
+    if peak is None:
+        import psutil
 
-    info = psutil.Process().memory_info()
-    # ru_maxrss would be the true peak, but it never resets; RSS now is the honest per-step figure.
-    return info.rss / 2**30
+        return psutil.Process().memory_info().rss / 2**30
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5" resets the peak RSS (proc(5)); the pages themselves stay
+        except OSError:
+            pass
+    return peak / 2**30
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @contextlib.contextmanager
@@ -66,6 +86,7 @@ class StageTimer:
         self._times: OrderedDict[str, float] = OrderedDict()
         self._active: list[str] = []
         self._step_start = clock()
+        self._cpu_start = time.process_time()
 
     def _synchronize(self) -> None:
         if (self._sync if self._sync is not None else _cuda()) and _cuda():
@@ -91,7 +112,8 @@ class StageTimer:
 
     def step_end(self) -> dict[str, float]:
         """Metrics of the finished step: `time/<stage>`, `time/step` (wall, including untimed gaps),
-        `memory/peak_gb` (then the CUDA peak is reset so the next step reports its own)."""
+        `memory/peak_gb` (then the peak is reset so the next step reports its own) and `cpu/step_s`
+        (this process's CPU seconds), the last two unless track_memory=False."""
         if self._active:
             raise RuntimeError(f"StageTimer.step_end() inside stage(s) {self._active}")
         now = self._clock()
@@ -99,6 +121,11 @@ class StageTimer:
         out["time/step"] = now - self._step_start
         if self._track_memory:
             out["memory/peak_gb"] = peak_memory_gb(reset=True)
+            # CPU seconds this process spent in the step (all its threads): unlike wall time it barely
+            # moves when other jobs share the cores, so it is what tools/bench_vs_trl.py compares too.
+            cpu = time.process_time()
+            out["cpu/step_s"] = cpu - self._cpu_start
+            self._cpu_start = cpu
         self._times = OrderedDict()
         self._step_start = now
         return out

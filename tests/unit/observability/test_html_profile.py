@@ -72,6 +72,7 @@ def test_profile_summary_hand_computed():
     assert rows["weight_sync"][-1] == "25.00"
     assert rows["(untimed)"][1:] == ["1.000", "8.3%"]
     assert "peak memory: 42.50 GiB" in table
+    assert s["step_median_s"] == 12.0 and "median step: 12.000 s wall, - CPU" in table
     with pytest.raises(ValueError, match="no step metrics"):
         summarize([])
 

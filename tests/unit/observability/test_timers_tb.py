@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 import pytest
 
 from megatron_oreal.observability.tb import MetricsWriter, console_line, format_duration
@@ -53,6 +55,33 @@ def test_peak_memory_is_process_rss_on_cpu():
     gb = peak_memory_gb()
     assert 0.01 < gb < 64
     assert "memory/peak_gb" in StageTimer().step_end()
+
+
+def test_step_cpu_seconds_count_this_process_work():
+    import time
+
+    timer = StageTimer()
+    timer.step_end()
+    t = time.process_time()
+    while time.process_time() - t < 0.2:  # busy: CPU time accrues
+        pass
+    busy = timer.step_end()["cpu/step_s"]
+    time.sleep(0.2)  # idle: wall time passes, CPU time does not
+    idle = timer.step_end()["cpu/step_s"]
+    assert busy >= 0.19 and idle < 0.1
+
+
+def test_cpu_peak_memory_sees_a_freed_allocation_until_reset():
+    import os
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs: the CPU peak cannot be reset here")
+    base = peak_memory_gb(reset=True)
+    x = torch.ones(50_000_000)  # 0.19 GiB, touched, then returned to the OS
+    del x
+    peak = peak_memory_gb(reset=True)
+    assert peak >= base + 0.15
+    assert peak_memory_gb() <= peak - 0.1  # the next step does not inherit this one's peak
 
 
 def test_metrics_writer_rank0_only(tmp_path):

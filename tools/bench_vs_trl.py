@@ -1,0 +1,158 @@
+"""Side by side on the CPU: Hugging Face TRL's GRPOTrainer vs ours, same tiny model, prompts and shape.
+
+    python tools/bench_vs_trl.py [--steps 8] [--rounds 1] [--threads 0] [--sides trl,grpo,oreal]
+
+Shape (issue 13): 16 prompts x 8 samples per step, <= 32 new tokens, T = 1, k3 KL 0.01, one optimizer
+step per rollout, fp32, model examples/tiny/model, prompts = the first 16 x steps problems of
+examples/tiny/data/train.jsonl (each side shuffles them its own way).
+
+- trl:   TRL 1.16.0 GRPOTrainer (tools/trl_grpo_side.py) trains all 128 samples of every step.
+- grpo:  ours, the equal-work rung: algo ladder "grpo" (every sample, (r - mean)/std advantages,
+         REINFORCE form, k3 KL 0.01, no actor freeze), token RM off: all 128 samples trained.
+- oreal: ours, full OREAL (examples/tiny/oreal.yaml: 1+1 selection, token RM) with the actor trained
+         from the first step (actor_freeze_steps=0) so every step has its optimizer step.
+Ours runs `python -m megatron_oreal profile` (rollout, reward, reference + policy passes, weight
+sync: the whole step). CPU s/step is the main process's CPU time per step (TRL: its one process; ours:
+the trainer process, which runs the rollout engine in-process; the reward workers, a few ms a step,
+are not counted): unlike wall time it hardly moves when other jobs share the cores. Step times are wall seconds of whole optimizer steps; the first step of each
+side is warm-up and is left out of the median. Peak RSS is each side's process tree (wait4's
+ru_maxrss: the largest single process of that tree; our reward workers are separate small processes).
+
+TRL lives in its own venv, built on first use at ~/.cache/megatron-oreal/trl-venv (pinned below,
+torch pinned to the project's 2.13.0 CPU wheel). Timings depend on machine load: the tool prints
+the load average next to each side; compare ratios from one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TRL_VENV = Path(os.environ.get("MEGATRON_OREAL_TRL_VENV", Path.home() / ".cache/megatron-oreal/trl-venv"))
+# Pinned: TRL as in issue 13, the project's torch and transformers, and TRL's own requirements at
+# the versions resolved when this was written (accelerate/datasets are what GRPOTrainer imports).
+TRL_PINS = ["torch==2.13.0", "trl==1.16.0", "transformers==5.23.0", "tokenizers==0.23.3", "safetensors==0.8.0",
+            "numpy==2.4.6", "accelerate==1.15.0", "datasets==5.2.0"]
+PROMPTS_PER_STEP, SAMPLES = 16, 8
+
+
+def ensure_trl_venv() -> Path:
+    """The TRL venv's python; (re)built when missing or when its pins differ from TRL_PINS."""
+    py, stamp = TRL_VENV / "bin" / "python", TRL_VENV / ".pins"
+    if py.exists() and stamp.exists() and stamp.read_text().split() == TRL_PINS:
+        return py
+    print(f"building the TRL venv at {TRL_VENV} (once; a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+    stamp.write_text("\n".join(TRL_PINS) + "\n")
+    return py
+
+
+def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
+    """Run cmd to completion (output to log); returns (exit code, peak RSS GiB of its tree)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 2**20  # kB -> GiB
+
+
+def our_overrides(side: str, prompts: Path, run_dir: Path) -> list[str]:
+    from megatron_oreal.algo.ladder import ablation_overrides
+
+    common = [f"run_dir={run_dir}", f"data.train_file={prompts}", f"data.eval_file={prompts}",
+              f"data.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.sampling.n={SAMPLES}",
+              "rollout.sampling.max_new_tokens=32", "rollout.sampling.temperature=1.0",
+              "eval.every=0", "checkpoint.every=0", "log.html_every=0"]
+    if side == "grpo":
+        return common + ablation_overrides("grpo") + ["token_rm.enabled=false"]
+    return common + ["algo.actor_freeze_steps=0"]
+
+
+def median_after_warmup(times: list[float]) -> float:
+    used = times[1:] if len(times) > 1 else times
+    return statistics.median(used)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per side (the first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the sides this many times, interleaved")
+    ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads for both sides (0 = default)")
+    ap.add_argument("--sides", default="trl,grpo,oreal")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL with activation recomputation (an extra forward; ours does not recompute)")
+    ap.add_argument("--keep", default="", help="keep the run dirs and logs here (default: a temp dir)")
+    args = ap.parse_args()
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = set(sides) - {"trl", "grpo", "oreal"}
+    if unknown or args.steps < 2:
+        ap.error(f"unknown sides {sorted(unknown)}" if unknown else "--steps must be >= 2 (one warm-up step)")
+
+    trl_py = ensure_trl_venv() if "trl" in sides else None
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_trl_"))
+    work.mkdir(parents=True, exist_ok=True)
+    lines = (ROOT / "examples/tiny/data/train.jsonl").read_text().splitlines()
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("\n".join(lines[:PROMPTS_PER_STEP * args.steps]) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+
+    results: dict[str, dict] = {s: {"step_s": [], "cpu_s": [], "peak_gb": 0.0, "load": []} for s in sides}
+    for rnd in range(args.rounds):
+        for side in sides:
+            tag = f"{side}_r{rnd}"
+            out = work / f"{tag}.json"
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            if side == "trl":
+                cmd = [str(trl_py), str(ROOT / "tools/trl_grpo_side.py"), "--model", str(ROOT / "examples/tiny/model"),
+                       "--prompts", str(prompts), "--steps", str(args.steps), "--out", str(out)]
+                cmd += ["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []
+            else:
+                cmd = [sys.executable, "-m", "megatron_oreal", "profile", str(ROOT / "examples/tiny/oreal.yaml"),
+                       "--steps", str(args.steps), "--metrics-out", str(out),
+                       *our_overrides(side, prompts, work / f"run_{tag}")]
+            code, peak = run_measured(cmd, env, work / f"{tag}.log")
+            if code != 0:
+                print(f"{side}: exit code {code}; log: {work / f'{tag}.log'}", file=sys.stderr)
+                return 1
+            data = json.loads(out.read_text())
+            times = data["step_s"] if side == "trl" else [m["time/step"] for m in data]
+            cpu = data["cpu_s"] if side == "trl" else [m["cpu/step_s"] for m in data]
+            r = results[side]
+            r["step_s"].append(median_after_warmup(times))
+            r["cpu_s"].append(median_after_warmup(cpu))
+            r["peak_gb"] = max(r["peak_gb"], peak)
+            r["load"].append((load0, os.getloadavg()[0]))
+            print(f"{tag}: median {r['step_s'][-1]:.3f} s/step ({r['cpu_s'][-1]:.3f} CPU s) over {len(times) - 1} "
+                  f"steps, peak RSS {peak:.2f} GiB, "
+                  f"wall {time.perf_counter() - t0:.0f} s, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}",
+                  flush=True)
+
+    print(f"\n{'side':<8}{'median s/step':>15}{'vs TRL':>9}{'CPU s/step':>12}{'vs TRL':>9}{'peak RSS GiB':>14}")
+    trl = statistics.median(results["trl"]["step_s"]) if "trl" in results else None
+    trl_cpu = statistics.median(results["trl"]["cpu_s"]) if "trl" in results else None
+    for side, r in results.items():
+        med, cpu = statistics.median(r["step_s"]), statistics.median(r["cpu_s"])
+        ratio = f"{med / trl:.2f}x" if trl else "-"
+        cratio = f"{cpu / trl_cpu:.2f}x" if trl_cpu else "-"
+        print(f"{side:<8}{med:>15.3f}{ratio:>9}{cpu:>12.3f}{cratio:>9}{r['peak_gb']:>14.2f}")
+    print(f"(cpu count {os.cpu_count()}, threads {args.threads or 'default'}, {args.rounds} round(s); "
+          f"work dir {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
