@@ -1,0 +1,72 @@
+"""Recognise a full disk behind the many shapes its error takes, and say so in plain words.
+
+Measured on a real full tmpfs (tests/e2e/test_full_disk.py):
+  * Python file writes: OSError(ENOSPC) "No space left on device" (or EDQUOT over a quota);
+  * torch.save (the zip writer): RuntimeError "[enforce fail at inline_container.cc:672] . unexpected
+    pos 64 vs 0" or "PytorchStreamWriter failed writing file ..." - no errno at all;
+  * safetensors' save_file: SafetensorError "Error while serializing: I/O error: No space left on
+    device (os error 28)";
+  * a distributed (DCP) save: CheckpointException wrapping one of the above per rank.
+When the text has no errno, the free space of the target decides (less than FULL_BYTES left).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+FULL_BYTES = 1 << 20
+_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+_ZIP_WRITER = ("unexpected pos", "pytorchstreamwriter failed", "file write failed")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """True when `exc` (or its cause/context, or a DCP per-rank failure) is a full disk or quota."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _TEXTS):
+            return True
+        if any(t in text for t in _ZIP_WRITER) and path is not None:
+            free = free_bytes(path)
+            if free is not None and free < FULL_BYTES:
+                return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for v in failures.values():
+                stack.append(v[0] if isinstance(v, tuple) else v)
+        stack += [e.__cause__, e.__context__]
+    return False
+
+
+class DiskFull(OSError):
+    """ENOSPC with a sentence that names the path and what is intact; str() is that sentence."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full_error(path: str | os.PathLike, intact: str) -> DiskFull:
+    """The one-line error for a full disk at `path`; `intact` says what is still good."""
+    free = free_bytes(path)
+    left = f" ({free >> 10} KiB free)" if free is not None else ""
+    return DiskFull(errno.ENOSPC, f"no space left on device writing {path}{left}; {intact}")
