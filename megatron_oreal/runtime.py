@@ -21,7 +21,7 @@ from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full
 from megatron_oreal.checkpoint.resume import RunCheckpointer, all_gather_object, fault_point
 from megatron_oreal.config import ConfigError, RunConfig, to_dict
 from megatron_oreal.launch.runlock import RunDirLock, RunDirLocked
-from megatron_oreal.launch.signals import agree_any
+from megatron_oreal.launch.signals import agree_any, shield_children
 from megatron_oreal.stages import Comm, EvalResult, evaluate, gather_groups, rollout_and_score, share_groups
 
 
@@ -95,7 +95,8 @@ class Run:
         self.rank = layout.rank
         self.lock = self._lock_run_dir()
         try:
-            self._build(cfg, layout)
+            with shield_children():  # the verifier pool and the engine start their processes here
+                self._build(cfg, layout)
         except BaseException:
             self.lock.release()
             raise
@@ -233,7 +234,8 @@ class Run:
             from megatron_oreal.rollout import build_engine
 
             cfg = self.cfg
-            self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+            with shield_children():
+                self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
         self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
 
     def release_engine(self) -> None:
@@ -346,7 +348,8 @@ class Run:
                  "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row,
                  "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
-        path = self.checkpointer.save(step, writers, state)
+        with shield_children():  # Megatron's writers fork, and spawn a Manager on the first save
+            path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
         return path
 

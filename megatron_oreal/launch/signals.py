@@ -29,6 +29,7 @@ This module imports neither Megatron nor torch at import time (torch only inside
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -197,6 +198,27 @@ def agree_any(flag: bool, group=None) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def shield_children():
+    """Block SIGTERM/SIGUSR1 in this thread while child processes are started (verifier pool,
+    engine, Megatron's checkpoint writers and their spawned Manager).
+
+    A child inherits the blocked mask across fork and exec, so a signal sent to the whole job step
+    (`scancel --signal=USR1`) stays pending in it - harmless - until it sets SIG_IGN (then the
+    pending one is discarded), instead of killing it with the default action in the moment before
+    its own code runs. The trainer loses nothing: the other threads still take the signal, and what
+    reached this thread is delivered to the handler when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def ignore_preemption_signals() -> None:

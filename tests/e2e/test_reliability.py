@@ -219,6 +219,10 @@ def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_pa
     no_weights = tmp_path / "no_weights"
     shutil.copytree(root / "hf", no_weights)
     (no_weights / "model.safetensors").unlink()
+    bad_weights = tmp_path / "bad_weights"  # a copy cut short (a full disk, an interrupted download)
+    shutil.copytree(root / "hf", bad_weights)
+    weights = (bad_weights / "model.safetensors").read_bytes()
+    (bad_weights / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     no_template = tmp_path / "no_template"
     shutil.copytree(root / "hf", no_template)
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
@@ -230,16 +234,24 @@ def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_pa
         (bad_yaml, [], 2, [str(bad_yaml), "line"]),
         (typo, [], 2, [str(typo), "eval.max_new_token", "did you mean 'max_new_tokens'"]),
         (cfg, ["steps=three"], 2, ["steps", "int"]),
-        (cfg, [f"data.train_file={broken}"], 1, [f"{broken}:3", "not valid JSON"]),
-        (cfg, [f"data.train_file={missing}"], 1, [f"{missing}:2", "no answer field"]),
-        (cfg, [f"data.train_file={empty}"], 1, [f"{empty}:1", "gold_answer"]),
-        (cfg, [f"policy.hf_path={no_weights}"], 1, ["policy.hf_path", str(no_weights), "no *.safetensors"]),
-        (cfg, [f"policy.hf_path={no_template}"], 1, ["chat template"]),
+        (cfg, ["policy.optim.lr=-1e-5"], 2, [str(cfg), "policy.optim.lr: must be in (0, inf), got -1e-05"]),
+        (cfg, ["rollout.sampling.n=1", "algo.advantage=grpo"], 2, [str(cfg), "rollout.sampling.n", "grpo"]),
+        (cfg, [f"data.train_file={broken}"], 2, [f"{broken}:3", "not valid JSON"]),
+        (cfg, [f"data.train_file={missing}"], 2, [f"{missing}:2", "no answer field"]),
+        (cfg, [f"data.train_file={empty}"], 2, [f"{empty}:1", "gold_answer"]),
+        (cfg, [f"policy.hf_path={no_weights}"], 2, ["policy.hf_path", str(no_weights), "no *.safetensors"]),
+        (cfg, [f"policy.hf_path={no_template}"], 2, ["chat template"]),
+        (cfg, [f"policy.hf_path={bad_weights}"], 2, ["policy.hf_path", str(bad_weights / "model.safetensors"),
+                                                      "is not a readable safetensors file"]),
     ]
-    # Independent processes, most of their time spent importing: four at a time.
+    # Independent processes, most of their time spent importing: four at a time, each on its own copy
+    # of the run dir (one run dir holds one trainer at a time: the run-dir lock).
+    dirs = [run_dir] + [tmp_path / f"run{i}" for i in range(1, len(cases))]
+    for d in dirs[1:]:
+        shutil.copytree(run_dir, d)
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda c: train(c[0], run_dir, *c[1]), cases))
-    for (config, overrides, code, needles), res in zip(cases, results):
+        results = list(pool.map(lambda c: train(c[0][0], c[1], *c[0][1]), zip(cases, dirs)))
+    for (config, overrides, code, needles), res, run_dir in zip(cases, results, dirs):
         what = f"{config.name} {overrides}"
         assert res.returncode == code, f"{what}: exit {res.returncode}\n{res.stderr[-3000:]}"
         no_traceback(res)
