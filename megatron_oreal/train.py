@@ -86,6 +86,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
                 raise SystemExit(code)
         summary = steplog.summary()
         if r.state.step >= cfg.steps and cfg.checkpoint.export_hf:
+            fault_point("export", r.state.step)
             r.export_hf(r.run_dir / "hf")
         if r.layout.is_main:
             (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

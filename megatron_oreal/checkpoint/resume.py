@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -249,7 +250,9 @@ class RunCheckpointer:
 #   OREAL_TEST_FAULT="point:step:action[:times],..."   e.g. "save_written:2:kill,rollout:1:raise:2"
 # actions: kill (SIGKILL itself: a kill -9 at an exact moment, no timing races), term (SIGTERM
 # itself: a preemption arriving mid-stage), enospc (OSError ENOSPC: a full disk), raise
-# (RuntimeError: a crashing engine). `times` (default: always) bounds how often it fires.
+# (RuntimeError: a crashing engine), wait (block until the file $OREAL_TEST_WAIT_FILE exists, at
+# most 300 s: a run kept alive while a test starts a second one; FILE.waiting appears meanwhile). `times` (default: always) bounds
+# how often it fires.
 FAULT_ENV = "OREAL_TEST_FAULT"
 _fired: dict[str, int] = {}
 
@@ -274,6 +277,12 @@ def fault_point(point: str, step: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<{FAULT_ENV} at {point}>")
         elif action == "raise":
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at {point}, step {step}")
+        elif action == "wait":
+            release, deadline = os.environ.get("OREAL_TEST_WAIT_FILE", ""), time.monotonic() + 300
+            if release:
+                Path(release + ".waiting").touch()  # tells the test where the run is
+            while release and not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.1)
         else:
             raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
