@@ -3,11 +3,13 @@
 Measured on a real full tmpfs (tests/e2e/test_full_disk.py):
   * Python file writes: OSError(ENOSPC) "No space left on device" (or EDQUOT over a quota);
   * torch.save (the zip writer): RuntimeError "[enforce fail at inline_container.cc:672] . unexpected
-    pos 64 vs 0" or "PytorchStreamWriter failed writing file ..." - no errno at all;
+    pos 64 vs 0", or "basic_ios::clear: iostream error" when the end of the archive fails (seen in
+    Megatron's save_common), or "PytorchStreamWriter failed writing file ..." - no errno at all;
   * safetensors' save_file: SafetensorError "Error while serializing: I/O error: No space left on
     device (os error 28)";
   * a distributed (DCP) save: CheckpointException wrapping one of the above per rank.
-When the text has no errno, the free space of the target decides (less than FULL_BYTES left).
+When the text has no errno, the free space of the target decides: a failed write leaves less free
+than it was writing, so "nearly full" is below max(FULL_BYTES, 1 % of the filesystem, at most 64 GiB).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 
 FULL_BYTES = 1 << 20
 _TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
-_ZIP_WRITER = ("unexpected pos", "pytorchstreamwriter failed", "file write failed")
+# torch's zip writer (C++ streams) on a failed write: no errno, no words about the disk.
+_ZIP_WRITER = ("unexpected pos", "pytorchstreamwriter failed", "file write failed", "basic_ios::clear",
+               "iostream error")
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
@@ -30,6 +34,23 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def _nearly_full(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free < max(FULL_BYTES, min(size // 100, 64 << 30))
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """torch's zip writer failing to write (full or not): worth one line, not a traceback."""
+    return any(t in str(exc).lower() for t in _ZIP_WRITER)
 
 
 def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
@@ -46,10 +67,8 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> b
         text = str(e).lower()
         if any(t in text for t in _TEXTS):
             return True
-        if any(t in text for t in _ZIP_WRITER) and path is not None:
-            free = free_bytes(path)
-            if free is not None and free < FULL_BYTES:
-                return True
+        if any(t in text for t in _ZIP_WRITER) and path is not None and _nearly_full(path):
+            return True
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             for v in failures.values():

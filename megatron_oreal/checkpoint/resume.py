@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full
+from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full, is_write_failure
 from megatron_oreal.checkpoint.integrity import MANIFEST, verify, write_manifest
 
 _NAME = re.compile(r"^step_(\d{6,})$")
@@ -134,8 +134,11 @@ class RunCheckpointer:
         except OSError as exc:  # ENOSPC, EIO, ...: the previous checkpoint stays published
             return disk_full_error(tmp, f"({exc})") if is_disk_full(exc, tmp) else exc
         except RuntimeError as exc:  # torch's zip writer reports a full disk as "unexpected pos"
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
             if is_disk_full(exc, tmp):
-                return disk_full_error(tmp, f"({str(exc).splitlines()[0][:200]})")
+                return disk_full_error(tmp, f"({first})")
+            if is_write_failure(exc):
+                return OSError(f"write failed under {tmp}: {first}")
             raise
         return None
 

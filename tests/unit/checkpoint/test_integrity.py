@@ -141,9 +141,10 @@ def test_zip_writer_full_disk_is_named(tmp_path, monkeypatch):
     import megatron_oreal.checkpoint.diskfull as df
 
     exc = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(df, "free_bytes", lambda p: 4096)
-    assert is_disk_full(exc, tmp_path)
-    monkeypatch.setattr(df, "free_bytes", lambda p: 10 << 30)
+    end = RuntimeError("basic_ios::clear: iostream error")  # the end of the archive failing
+    monkeypatch.setattr(df, "_nearly_full", lambda p: True)
+    assert is_disk_full(exc, tmp_path) and is_disk_full(end, tmp_path)
+    monkeypatch.setattr(df, "_nearly_full", lambda p: False)
     assert not is_disk_full(exc, tmp_path)  # plenty of space: some other write failure, not called a full disk
     assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
 
@@ -154,6 +155,11 @@ def test_zip_writer_full_disk_is_named(tmp_path, monkeypatch):
         path.mkdir(parents=True)
         raise exc
 
+    with pytest.raises(CheckpointError) as err:  # not full: still one line, not a traceback
+        ck.save(2, {"policy": zip_full}, {})
+    assert str(err.value).startswith(f"saving checkpoint {tmp_path / 'checkpoints' / 'step_000002'} failed: write "
+                                     "failed under ")
+    monkeypatch.setattr(df, "_nearly_full", lambda p: True)
     monkeypatch.setattr(df, "free_bytes", lambda p: 4096)
     with pytest.raises(CheckpointError) as err:
         ck.save(2, {"policy": zip_full}, {})
