@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full
+from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full, naming
 from megatron_oreal.checkpoint.resume import RunCheckpointer, all_gather_object, fault_point
 from megatron_oreal.config import ConfigError, RunConfig, to_dict
 from megatron_oreal.launch.runlock import RunDirLock, RunDirLocked
@@ -270,7 +270,7 @@ class Run:
         if self.layout.is_main:
             out = self.run_dir / "eval" / f"step_{step:06d}.jsonl"
             out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w") as f:
+            with naming(out), open(out, "w") as f:
                 for p in result.predictions:
                     f.write(json.dumps(p) + "\n")
             mark = " (best)" if improved else ""
@@ -314,7 +314,7 @@ class Run:
         rec = {"step": step + 1, "uids": [g.prompt.uid for g in groups], "reward_mean": num("reward/mean"),
                "kept_sequences": batch.num_sequences, "loss_policy": num("loss/policy"),
                "skipped": bool(metrics.get("skipped") or metrics.get("nonfinite"))}
-        with open(self.step_records, "a") as f:
+        with naming(self.step_records), open(self.step_records, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def trim_step_records(self) -> None:

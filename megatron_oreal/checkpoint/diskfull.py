@@ -14,6 +14,7 @@ than it was writing, so "nearly full" is below max(FULL_BYTES, 1 % of the filesy
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -75,6 +76,17 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> b
                 stack.append(v[0] if isinstance(v, tuple) else v)
         stack += [e.__cause__, e.__context__]
     return False
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """An OSError raised by a write (not the open) carries no file name: give it `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 class DiskFull(OSError):

@@ -93,3 +93,27 @@ def test_checkpoint_save_on_a_full_disk_names_it_and_keeps_latest(tiny_fs):
     assert msg.endswith("`latest` still points at 'step_000001', which is intact")
     assert ck.resume_point(log=lambda m: None).name == "step_000001"  # intact: its checksums match
     assert not (tiny_fs / "checkpoints" / ".tmp_step_000002").exists()
+
+
+def test_cli_line_for_a_full_disk_outside_a_save(tiny_fs):
+    """train.main's line for steps.jsonl / eval files / TensorBoard: the path, what is intact."""
+    from megatron_oreal.train import _disk_full_line
+
+    def writer(path):
+        path.mkdir(parents=True)
+        torch.save({"w": torch.zeros(10)}, path / "w.pt")
+
+    run_dir = tiny_fs / "run"
+    RunCheckpointer(run_dir, keep=2).save(4, {"policy": writer}, {})
+    fill(tiny_fs)
+    from megatron_oreal.checkpoint.diskfull import naming
+
+    def append():  # as runtime.append_step_record writes it
+        with naming(run_dir / "steps.jsonl"), open(run_dir / "steps.jsonl", "a") as f:
+            f.write("x" * 10_000)
+
+    exc = error_of(append)
+    assert is_disk_full(exc, run_dir)
+    assert _disk_full_line(exc, str(run_dir)) == (
+        f"no space left on device writing {run_dir / 'steps.jsonl'} (0 KiB free); the checkpoint 'step_000004' is "
+        "intact; free space and rerun the same command to resume")
