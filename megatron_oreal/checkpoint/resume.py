@@ -212,10 +212,13 @@ class RunCheckpointer:
                                   "(restore the files, or move the checkpoints away to start over)")
         if damaged or note:
             if self.rank == 0:
+                moved = []
                 for bad, _ in damaged:
-                    os.replace(bad, bad.with_name(bad.name + ".damaged"))
+                    aside = _free_name(bad.with_name(bad.name + ".damaged"))  # a step damaged twice keeps both
+                    os.replace(bad, aside)
+                    moved.append(f"{bad.name} renamed {aside.name}")
                 _write_text_atomic(self.root / "latest", path.name + "\n")
-                moved = ", ".join(f"{bad.name} renamed {bad.name}.damaged" for bad, _ in damaged)
+                moved = ", ".join(moved)
                 log(f"{note}resuming from {path.name}, the newest intact checkpoint" + (f" ({moved})" if moved else ""))
             self.barrier()
         return path
@@ -327,6 +330,14 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}{n}")
+    return candidate
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -93,6 +93,18 @@ def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, damage, why):
     assert torch.equal(got["w"], torch.full((4096,), 2.0))
 
 
+def test_a_step_damaged_twice_keeps_both_copies(tmp_path):
+    ck, root = three_checkpoints(tmp_path)
+    flip(root / "step_000003" / "policy" / "w.pt")
+    assert ck.resume_point(log=lambda m: None).name == "step_000002"
+    ck.save(3, {"policy": writer(3)}, {})  # the re-run step 3
+    (root / "step_000003" / "state.json").write_text("")
+    lines = []
+    assert ck.resume_point(log=lines.append).name == "step_000002"
+    assert lines[-1].endswith("(step_000003 renamed step_000003.damaged2)")
+    assert (root / "step_000003.damaged").is_dir() and (root / "step_000003.damaged2").is_dir()
+
+
 def test_no_intact_checkpoint_stops_and_changes_nothing(tmp_path):
     ck, root = three_checkpoints(tmp_path, keep=2)
     flip(root / "step_000003" / "policy" / "w.pt")
