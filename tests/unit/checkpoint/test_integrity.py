@@ -179,3 +179,19 @@ def test_zip_writer_full_disk_is_named(tmp_path, monkeypatch):
     assert msg.startswith(f"saving checkpoint {tmp_path / 'checkpoints' / 'step_000002'} failed: no space left on "
                           f"device writing {tmp_path / 'checkpoints' / '.tmp_step_000002'} (4 KiB free)")
     assert msg.endswith("`latest` still points at 'step_000001', which is intact")
+
+
+def test_convert_refuses_a_damaged_run_checkpoint(tmp_path):
+    """`convert mcore-to-hf --ckpt RUN_DIR/checkpoints/step_N/policy` checks the step's manifest first."""
+    from types import SimpleNamespace
+
+    from megatron_oreal.checkpoint.convert import _damage
+
+    ck, root = three_checkpoints(tmp_path)
+    layout = SimpleNamespace(rank=0, world_size=1)
+    assert _damage(str(root / "step_000003" / "policy"), layout) is None
+    assert _damage(str(tmp_path), layout) is None  # not a run checkpoint: nothing to check
+    flip(root / "step_000003" / "policy" / "w.pt")
+    assert _damage(str(root / "step_000003" / "policy"), layout) == (
+        f"{root / 'step_000003'}: damaged checkpoint, not exported: "
+        f"{root / 'step_000003' / 'policy' / 'w.pt'}: content changed: its SHA-256 differs from the manifest's")
