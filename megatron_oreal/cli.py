@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "train":  # the console script `oreal train`: record SIGTERM/SIGUSR1 before the heavy imports
+        from megatron_oreal.launch.signals import install_early
+
+        install_early()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

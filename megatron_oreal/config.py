@@ -211,6 +211,89 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Allowed range of every numeric field: dotted key -> (low, high, kind). kind: "[]" both ends allowed,
+# "(]" low excluded, "[)" high excluded, "()" both excluded; None = unbounded. Non-finite values
+# (nan, inf) are refused everywhere except where NONFINITE_OK says why.
+_INF = None
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "steps": (1, _INF, "[]"),
+    "seed": (0, _INF, "[]"),
+    "data.prompts_per_step": (1, _INF, "[]"),
+    "data.eval_limit": (0, _INF, "[]"),
+    "data.seed": (0, _INF, "[]"),
+    "rollout.sampling.n": (1, _INF, "[]"),
+    "rollout.sampling.temperature": (0, _INF, "[]"),  # 0 = greedy
+    "rollout.sampling.top_p": (0, 1, "(]"),
+    "rollout.sampling.top_k": (0, _INF, "[]"),
+    "rollout.sampling.max_new_tokens": (1, _INF, "[]"),
+    "rollout.sampling.max_total_length": (2, _INF, "[]"),
+    "rollout.sampling.seed": (0, _INF, "[]"),
+    "rollout.tensor_parallel_size": (1, _INF, "[]"),
+    "rollout.mem_fraction_static": (0, 1, "()"),
+    "rollout.sync_bucket_mb": (1, _INF, "[]"),
+    "rollout.max_restarts": (0, _INF, "[]"),
+    "reward.workers": (0, _INF, "[]"),  # 0 = in-process, no time limit (debugging)
+    "reward.timeout_s": (0, _INF, "(]"),
+    "algo.positive_loss_factor": (0, _INF, "[]"),
+    "algo.negative_loss_factor": (0, _INF, "[]"),
+    "algo.kl_coef": (0, _INF, "[]"),
+    "algo.correct_threshold": (0, 1, "[)"),  # threshold_rescale divides by 1 - tau
+    "algo.incorrect_threshold": (0, 1, "[)"),
+    "algo.topk_ratio": (0, 1, "(]"),
+    "algo.actor_freeze_steps": (0, _INF, "[]"),
+    "algo.max_nonfinite_steps": (1, _INF, "[]"),
+    "policy.micro_batch_tokens": (1, _INF, "[]"),
+    "parallel.tensor": (1, _INF, "[]"),
+    "parallel.pipeline": (1, _INF, "[]"),
+    "parallel.timeout_minutes": (1, _INF, "[]"),
+    "checkpoint.every": (0, _INF, "[]"),
+    "checkpoint.keep": (1, _INF, "[]"),  # default 2: a damaged newest checkpoint falls back to the previous one
+    "eval.every": (0, _INF, "[]"),
+    "eval.max_new_tokens": (0, _INF, "[]"),
+    "eval.batch_size": (1, _INF, "[]"),
+    "log.html_every": (0, _INF, "[]"),
+    "log.console_every": (1, _INF, "[]"),
+    "sft.batch_size": (1, _INF, "[]"),
+    "sft.steps": (1, _INF, "[]"),
+    "sft.log_every": (1, _INF, "[]"),
+}
+for _opt in ("policy.optim", "token_rm.optim"):
+    RANGES.update({
+        f"{_opt}.lr": (0, _INF, "(]"),
+        f"{_opt}.min_lr": (0, _INF, "[]"),
+        f"{_opt}.warmup_steps": (0, _INF, "[]"),
+        f"{_opt}.weight_decay": (0, _INF, "[]"),
+        f"{_opt}.clip_grad": (0, _INF, "[]"),  # 0 = no clipping
+        f"{_opt}.adam_beta1": (0, 1, "[)"),
+        f"{_opt}.adam_beta2": (0, 1, "[)"),
+        f"{_opt}.adam_eps": (0, _INF, "(]"),
+    })
+# The e2e tests make every actor loss NaN through eta (tests/e2e/test_reliability.py) to exercise the
+# non-finite guard (algo.max_nonfinite_steps); a NaN there is caught by that guard, not here.
+NONFINITE_OK = {"algo.negative_loss_factor"}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_range(cfg: Any, dotted: str, lo: float | None, hi: float | None, kind: str) -> None:
+    value = _get(cfg, dotted)
+    if value != value or value in (float("inf"), float("-inf")):
+        if dotted in NONFINITE_OK:
+            return
+        raise ConfigError(f"{dotted}: must be a finite number, got {value}")
+    ok = lo is None or (value > lo if kind[0] == "(" else value >= lo)
+    ok = ok and (hi is None or (value < hi if kind[1] == ")" else value <= hi))
+    if not ok:
+        low = "-inf" if lo is None else f"{lo}"
+        high = "inf" if hi is None else f"{hi}"
+        bracket_hi = ")" if hi is None else kind[1]
+        raise ConfigError(f"{dotted}: must be in {kind[0]}{low}, {high}{bracket_hi}, got {value}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -303,23 +386,22 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{dotted}: {value!r} is not one of {list(allowed)}{hint}")
-    positive = {
-        "steps": cfg.steps,
-        "data.prompts_per_step": cfg.data.prompts_per_step,
-        "rollout.sampling.n": cfg.rollout.sampling.n,
-        "rollout.sampling.max_new_tokens": cfg.rollout.sampling.max_new_tokens,
-        "parallel.tensor": cfg.parallel.tensor,
-        "parallel.pipeline": cfg.parallel.pipeline,
-        "parallel.timeout_minutes": cfg.parallel.timeout_minutes,
-        "policy.micro_batch_tokens": cfg.policy.micro_batch_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    if cfg.algo.advantage == "rloo" and cfg.rollout.sampling.n < 2:
-        raise ConfigError("rollout.sampling.n: RLOO needs at least 2 samples per prompt")
-    if not 0.0 < cfg.rollout.sampling.top_p <= 1.0:
-        raise ConfigError(f"rollout.sampling.top_p: must be in (0, 1], got {cfg.rollout.sampling.top_p}")
+    for dotted, (lo, hi, kind) in RANGES.items():
+        _check_range(cfg, dotted, lo, hi, kind)
+    for name in ("policy.optim", "token_rm.optim"):
+        optim = _get(cfg, name)
+        if optim.min_lr > optim.lr:
+            raise ConfigError(f"{name}.min_lr ({optim.min_lr}) must not exceed {name}.lr ({optim.lr})")
+    n = cfg.rollout.sampling.n
+    if n < 2 and command == "train":
+        # Combinations that can never learn: a group baseline of one sample is the sample itself
+        # (RLOO divides by n - 1; GRPO's std of one value is NaN), and a 1+1 pair needs two samples.
+        if cfg.algo.advantage in ("rloo", "grpo"):
+            raise ConfigError(f"rollout.sampling.n: algo.advantage={cfg.algo.advantage} compares the samples of a "
+                              f"prompt and needs n >= 2, got {n}")
+        if cfg.algo.selection == "one_pair":
+            raise ConfigError(f"rollout.sampling.n: algo.selection=one_pair keeps one correct and one incorrect "
+                              f"sample of a prompt and needs n >= 2, got {n}")
     if cfg.rollout.engine == "sglang" and command == "train":
         # One SGLang engine per TP group of stage 0, fed that group's shards (runtime.py, docs/gpu.md §3).
         if cfg.rollout.tensor_parallel_size != cfg.parallel.tensor:

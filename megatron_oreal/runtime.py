@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
-from megatron_oreal.checkpoint.resume import RunCheckpointer, fault_point
-from megatron_oreal.config import RunConfig, to_dict
-from megatron_oreal.launch.signals import agree_any
+from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full, naming
+from megatron_oreal.checkpoint.resume import RunCheckpointer, all_gather_object, fault_point
+from megatron_oreal.config import ConfigError, RunConfig, to_dict
+from megatron_oreal.launch.runlock import RunDirLock, RunDirLocked
+from megatron_oreal.launch.signals import agree_any, shield_children
 from megatron_oreal.stages import (Comm, EvalResult, engine_share, evaluate, gather_groups, rollout_and_score,
                                    share_groups)
 
@@ -46,16 +48,35 @@ class RunState:
 
 
 def read_hf_config(hf_path: str) -> dict:
+    """config.json of the model folder, after checking that its safetensors files are readable (a bad
+    input: ConfigError, exit 2, before any model is built)."""
     path = Path(hf_path) / "config.json"
     if not path.is_file():
-        raise RunError(f"policy.hf_path: {hf_path!r} has no config.json (expected a Hugging Face model folder)")
-    weights = list(Path(hf_path).glob("*.safetensors"))
+        raise ConfigError(f"policy.hf_path: {hf_path!r} has no config.json (expected a Hugging Face model folder)")
+    weights = sorted(Path(hf_path).glob("*.safetensors"))
     if not weights:
-        raise RunError(f"policy.hf_path: {hf_path!r} has no *.safetensors weights")
+        raise ConfigError(f"policy.hf_path: {hf_path!r} has no *.safetensors weights")
+    check_safetensors(weights)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path}: malformed JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"policy.hf_path: {path}: malformed JSON: {exc}") from None
+
+
+def check_safetensors(files: list[Path]) -> None:
+    """Header and size of each file: a truncated, emptied or overwritten file fails here in one line.
+    (safe_open parses the header and checks that the tensors' byte ranges fit the file; the data
+    itself has no checksum in the format, so flipped bytes inside a tensor cannot be seen.)"""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                for name in h.keys():
+                    h.get_slice(name).get_shape()
+        except Exception as exc:  # SafetensorError, OSError: the reason is the library's
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"policy.hf_path: {f} is not a readable safetensors file ({why})") from None
 
 
 class Run:
@@ -64,13 +85,7 @@ class Run:
     def __init__(self, cfg: RunConfig):
         from transformers import AutoTokenizer
 
-        from megatron_oreal.checkpoint.hf_io import load_hf_weights
-        from megatron_oreal.data.prompts import PromptStream, load_eval_prompts
         from megatron_oreal.mcore import parallel
-        from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
-        from megatron_oreal.mcore.train_step import OrealTrainer
-        from megatron_oreal.observability.tb import MetricsWriter
-        from megatron_oreal.observability.timers import StageTimer
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -79,6 +94,38 @@ class Run:
         self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,
                                                         timeout_minutes=cfg.parallel.timeout_minutes)
         self.rank = layout.rank
+        self.lock = self._lock_run_dir()
+        try:
+            with shield_children():  # the verifier pool and the engine start their processes here
+                self._build(cfg, layout)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> RunDirLock:
+        """Rank 0 locks RUN_DIR/.lock before anything in the run dir is touched; every rank learns the
+        outcome (a collective), so a refused run stops everywhere with one message."""
+        lock, refusal = RunDirLock(self.run_dir), None
+        if self.layout.is_main:
+            try:
+                lock.acquire()
+                if lock.note:
+                    log(f"{self.run_dir}: {lock.note}")
+            except RunDirLocked as exc:
+                refusal = str(exc)
+        if agree_any(refusal is not None):
+            raise RunError(refusal or "the run dir is in use by another trainer (see rank 0's message)")
+        return lock
+
+    def _build(self, cfg: RunConfig, layout) -> None:
+        from megatron_oreal.checkpoint.hf_io import load_hf_weights
+        from megatron_oreal.data.prompts import PromptStream, load_eval_prompts
+        from megatron_oreal.mcore import parallel
+        from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
+        from megatron_oreal.mcore.train_step import OrealTrainer
+        from megatron_oreal.observability.tb import MetricsWriter
+        from megatron_oreal.observability.timers import StageTimer
+
         if layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
@@ -125,7 +172,8 @@ class Run:
         self.start_engines()
         self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
-                                            barrier=torch.distributed.barrier)
+                                            barrier=torch.distributed.barrier, world=layout.world_size,
+                                            all_gather=all_gather_object)
         self.timer = StageTimer()
         self.writer = MetricsWriter(self.run_dir / "tb", enabled=cfg.log.tensorboard, rank=self.rank)
         self.state = RunState()
@@ -247,7 +295,8 @@ class Run:
             from megatron_oreal.rollout import build_engine
 
             cfg = self.cfg
-            self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+            with shield_children():
+                self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
         with self.offload.resident("policy_params"):  # the new engine starts from the HF files: give it
             self.sync_weights()                       # the trained weights
 
@@ -283,7 +332,7 @@ class Run:
         if self.layout.is_main:
             out = self.run_dir / "eval" / f"step_{step:06d}.jsonl"
             out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w") as f:
+            with naming(out), open(out, "w") as f:
                 for p in result.predictions:
                     f.write(json.dumps(p) + "\n")
             mark = " (best)" if improved else ""
@@ -327,7 +376,7 @@ class Run:
         rec = {"step": step + 1, "uids": [g.prompt.uid for g in groups], "reward_mean": num("reward/mean"),
                "kept_sequences": batch.num_sequences, "loss_policy": num("loss/policy"),
                "skipped": bool(metrics.get("skipped") or metrics.get("nonfinite"))}
-        with open(self.step_records, "a") as f:
+        with naming(self.step_records), open(self.step_records, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def trim_step_records(self) -> None:
@@ -361,7 +410,7 @@ class Run:
                  "tokens": st.tokens, "nonfinite_in_row": st.nonfinite_in_row,
                  "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
         t0 = time.time()
-        with self.offload.resident():
+        with self.offload.resident(), shield_children():  # Megatron's writers fork, and spawn a Manager
             path = self.checkpointer.save(step, writers, state)
         log(f"checkpoint {path} ({time.time() - t0:.1f}s)", self.rank)
         return path
@@ -369,7 +418,7 @@ class Run:
     def maybe_resume(self) -> bool:
         from megatron_oreal.mcore.run_state import model_and_optimizer_reader
 
-        path = self.checkpointer.latest()
+        path = self.checkpointer.resume_point(log=lambda m: log(m, self.rank))  # checksums verified
         if path is None:
             return False
         readers = {name: model_and_optimizer_reader(m, o) for name, (m, o) in self._components().items()}
@@ -387,11 +436,24 @@ class Run:
     def export_hf(self, out_dir: Path) -> None:
         from megatron_oreal.checkpoint.gather import export_hf
 
-        with self.offload.resident("policy_params"):
-            export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config, hf_dir=self.cfg.policy.hf_path,
-                      log=lambda m: log(m, self.rank))
+        try:
+            with self.offload.resident("policy_params"):
+                export_hf(self.trainer.policy, self.layout, str(out_dir), self.hf_config,
+                          hf_dir=self.cfg.policy.hf_path, log=lambda m: log(m, self.rank))
+        except Exception as exc:  # safetensors: "SafetensorError: ... No space left on device (os error 28)"
+            if not is_disk_full(exc, out_dir):
+                raise
+            kept = f"the previous {out_dir} is intact, " if out_dir.exists() else ""
+            raise disk_full_error(out_dir, f"{kept}the checkpoint {self.checkpointer.latest_name()!r} is intact; "
+                                  "free space and rerun the same command") from None
 
     def close(self) -> None:
+        try:
+            self._close()
+        finally:
+            self.lock.release()
+
+    def _close(self) -> None:
         self.writer.close()
         if self.verifier is not None:
             self.verifier.close()

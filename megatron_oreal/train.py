@@ -9,7 +9,6 @@ runtime.py. The same command on a run dir that holds a checkpoint resumes from i
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 import time
@@ -18,7 +17,8 @@ from typing import Callable
 import torch
 
 from megatron_oreal.algo.selection import build_train_batch
-from megatron_oreal.checkpoint.resume import CheckpointError, fault_point
+from megatron_oreal.checkpoint.diskfull import DiskFull, disk_full_error, is_disk_full
+from megatron_oreal.checkpoint.resume import CheckpointError, RunCheckpointer, fault_point
 from megatron_oreal.config import ConfigError, RunConfig, load_config
 from megatron_oreal.data.prompts import DataError
 from megatron_oreal.data.templates import TemplateError
@@ -40,6 +40,11 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         r.trim_step_records()  # steps after the checkpoint are re-run: drop their old records
         steplog = StepLog(r)
         r.to_rollout()  # the engine starts from the HF files; after a resume it must get the trained weights
+        if preemption.should_stop():  # asked to stop while starting: nothing new to save
+            code = finish_preemption(r.layout.is_main, torch.distributed.barrier)
+            log(f"{preemption.signal_name} received while starting: nothing new to save (latest checkpoint: "
+                f"{r.checkpointer.latest_name()!r}), exiting with code {code}", r.rank)
+            raise SystemExit(code)
         if not resumed:
             r.evaluate(0)
         start = r.state.step
@@ -81,12 +86,24 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
                 raise SystemExit(code)
         summary = steplog.summary()
         if r.state.step >= cfg.steps and cfg.checkpoint.export_hf:
+            fault_point("export", r.state.step)
             r.export_hf(r.run_dir / "hf")
         if r.layout.is_main:
             (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         r.close()
+
+
+def _disk_full_line(exc: BaseException, run_dir: str) -> str:
+    """A full disk outside a checkpoint save (steps.jsonl, eval files, TensorBoard, the HF export):
+    the last checkpoint is intact (resume.py publishes atomically); say so instead of a traceback."""
+    if isinstance(exc, DiskFull):
+        return str(exc)
+    path = getattr(exc, "filename", None) or run_dir
+    latest = RunCheckpointer(run_dir).latest_name()
+    intact = f"the checkpoint {latest!r} is intact" if latest else "no checkpoint was written yet"
+    return str(disk_full_error(path, f"{intact}; free space and rerun the same command to resume"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,16 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg, max_steps=args.max_steps)
-    except (RunError, ConfigError, DataError, TemplateError, CheckpointError) as exc:
+    except (ConfigError, DataError, TemplateError) as exc:  # bad input: the config, the data, the model folder
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RunError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not is_disk_full(exc, cfg.run_dir):
             raise
-        # A full disk outside a checkpoint save (logs, eval files, the HF export): the last
-        # checkpoint is intact (resume.py publishes atomically); say so instead of a traceback.
-        print(f"error: disk full writing {exc.filename or 'a run file'}: {exc.strerror}; free space and rerun "
-              "the same command to resume from the last checkpoint", file=sys.stderr)
+        print(f"error: {_disk_full_line(exc, cfg.run_dir)}", file=sys.stderr)
         return 1
     log(json.dumps(summary, indent=2))
     return 0

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             load_hf_weights(model, args.hf, layout, log=log if layout.rank == 0 else None)
             save_model_dist(model, args.out, hf_config=hf_config, log=log)
         else:
+            damage = _damage(args.ckpt, layout)
+            if damage:
+                print(f"error: {damage}", file=sys.stderr)
+                return 1
             load_model_dist(model, args.ckpt, log=log)
             export_hf(model, layout, args.out, hf_config, hf_dir=args.hf_config,
                       max_shard_bytes=int(args.max_shard_gb * (1 << 30)), log=log if layout.rank == 0 else None)
@@ -72,6 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_parallel()
     return 0
+
+
+def _damage(ckpt: str, layout) -> str | None:
+    """A run checkpoint's component (RUN_DIR/checkpoints/step_N/policy) is checked against the
+    checkpoint's MANIFEST.json before anything is exported from it: never export damaged weights."""
+    from pathlib import Path
+
+    from megatron_oreal.checkpoint.integrity import MANIFEST, verify
+    from megatron_oreal.checkpoint.resume import all_gather_object
+
+    for root in (Path(ckpt), Path(ckpt).parent):
+        if (root / MANIFEST).exists():
+            problems = verify(root, rank=layout.rank, world=layout.world_size, all_gather=all_gather_object)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                return f"{root}: damaged checkpoint, not exported: {root / problems[0]}{more}"
+            return None
+    return None
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ Layout of RUN_DIR/checkpoints:
       <component>/           written by that component's writer (e.g. a Megatron dist checkpoint)
       state.json             step, data cursor, best eval, ... (rank 0)
       rng/rank_00000.pt      Python / NumPy / torch RNG states of each rank
+      MANIFEST.json          size + SHA-256 of every file above (integrity.py), checked on resume
       COMPLETE               written last inside the temporary folder
     latest                   the name of the newest complete checkpoint, replaced atomically
 
 A save writes into `.tmp_step_000010/`, and only when every rank has finished does rank 0 rename it
 and then replace `latest`. A crash (kill -9, full disk) at any moment therefore leaves `latest`
 pointing at the previous good checkpoint; leftover temporary folders are removed at the next save.
-The writers/readers are callables so this module knows nothing about Megatron.
+A resume (`resume_point`) checks the checksums and falls back to the newest intact checkpoint, so
+`keep` must be at least 2 for there to be one. The writers/readers are callables so this module
+knows nothing about Megatron.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +35,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_oreal.checkpoint.diskfull import disk_full_error, is_disk_full, is_write_failure
+from megatron_oreal.checkpoint.integrity import MANIFEST, verify, write_manifest
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 
@@ -43,12 +50,27 @@ def _noop() -> None:
     pass
 
 
+def _single(obj: object) -> list:
+    return [obj]
+
+
+def all_gather_object(obj: object) -> list:
+    """torch.distributed.all_gather_object over the world (or [obj] without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 @dataclass
 class RunCheckpointer:
     run_dir: Path
     keep: int = 2
     rank: int = 0
     barrier: Callable[[], None] = _noop
+    world: int = 1
+    all_gather: Callable[[object], list] = _single  # every rank's object, in rank order (checksums)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -66,39 +88,59 @@ class RunCheckpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         self.barrier()
-        failure: BaseException | None = None
-        try:
-            for component, write in writers.items():
-                write(tmp / component)
-            fault_point("save_written", step)  # the components are on disk, COMPLETE is not
-            torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-            if self.rank == 0:
-                _write_json(tmp / "state.json", {"step": step, **state})
-        except OSError as exc:  # ENOSPC, EIO, ...: the previous checkpoint stays published
-            failure = exc
-        except CheckpointException as exc:
-            # A write failed inside a distributed (Megatron/torch DCP) save. DCP gathers every rank's
-            # write result, so all ranks raise this at the same point and meet again below.
-            failure = OSError(_describe_dcp_failure(exc))
-        failed = _any_rank(failure is not None)
-        if failed:
+        failure = self._attempt(tmp, lambda: self._write_parts(tmp, step, writers, state))
+        if not _any_rank(failure is not None):
+            # Every rank's files are on disk: checksum them all (split over the ranks) before publishing.
+            failure = self._attempt(tmp, lambda: write_manifest(tmp, rank=self.rank, world=self.world,
+                                                                all_gather=self.all_gather))
+        if not _any_rank(failure is not None) and self.rank == 0:
+            failure = self._attempt(tmp, lambda: self._publish(tmp, final, name))
+        if _any_rank(failure is not None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.barrier()
-            where = f" ({failure})" if failure is not None else " (on another rank)"
-            raise CheckpointError(
-                f"saving checkpoint {final} failed{where}; `latest` still points at {self.latest_name()!r}"
-            ) from failure
-        if self.rank == 0:
-            (tmp / "COMPLETE").write_text("ok\n")
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fault_point("save_renamed", step)  # published under its name, `latest` not moved yet
-            _write_text_atomic(self.root / "latest", name + "\n")
-            self._prune()
-        self.barrier()
+            where = f": {failure}" if failure is not None else " (on another rank)"
+            raise CheckpointError(f"saving checkpoint {final} failed{where}; `latest` still points at "
+                                  f"{self.latest_name()!r}, which is intact") from failure
         return final
+
+    def _write_parts(self, tmp: Path, step: int, writers: dict, state: dict) -> None:
+        for component, write in writers.items():
+            write(tmp / component)
+        fault_point("save_written", step)  # the components are on disk, COMPLETE is not
+        torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            _write_json(tmp / "state.json", {"step": step, **state})
+
+    def _publish(self, tmp: Path, final: Path, name: str) -> None:
+        (tmp / "COMPLETE").write_text("ok\n")
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fault_point("save_renamed", int(name.split("_")[1]))  # published under its name, `latest` not moved yet
+        _write_text_atomic(self.root / "latest", name + "\n")
+        self._prune()
+
+    def _attempt(self, tmp: Path, fn: Callable[[], object]) -> BaseException | None:
+        """Run one part of a save; a write failure is returned (to be agreed on by every rank), a bug raised."""
+        try:
+            fn()
+        except CheckpointException as exc:
+            # A write failed inside a distributed (Megatron/torch DCP) save. DCP gathers every rank's
+            # write result, so all ranks raise this at the same point and meet again in the caller.
+            if is_disk_full(exc, tmp):
+                return disk_full_error(tmp, _describe_dcp_failure(exc))
+            return OSError(_describe_dcp_failure(exc))
+        except OSError as exc:  # ENOSPC, EIO, ...: the previous checkpoint stays published
+            return disk_full_error(tmp, f"({exc})") if is_disk_full(exc, tmp) else exc
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as "unexpected pos"
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            if is_disk_full(exc, tmp):
+                return disk_full_error(tmp, f"({first})")
+            if is_write_failure(exc):
+                return OSError(f"write failed under {tmp}: {first}")
+            raise
+        return None
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.root.iterdir() if _NAME.match(p.name))
@@ -110,9 +152,11 @@ class RunCheckpointer:
     # ---------------------------------------------------------------- load
     def latest_name(self) -> str | None:
         pointer = self.root / "latest"
-        if not pointer.exists():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
             return None
-        return pointer.read_text().strip() or None
+        return name if _NAME.match(name) else None
 
     def latest(self) -> Path | None:
         name = self.latest_name()
@@ -123,13 +167,69 @@ class RunCheckpointer:
             raise CheckpointError(f"{self.root / 'latest'} points at {path}, which is missing or incomplete")
         return path
 
+    def _candidates(self) -> tuple[list[Path], str]:
+        """Complete checkpoints to try, newest first: the one `latest` names, then older ones. A
+        missing or garbled `latest` (an emptied file) falls back to the newest complete folder."""
+        if not self.root.is_dir():
+            return [], ""
+        done = sorted((p for p in self.root.iterdir() if _NAME.match(p.name) and (p / "COMPLETE").exists()),
+                      reverse=True)
+        name = self.latest_name()
+        note = ""
+        if name is None:
+            if (self.root / "latest").exists() and done:
+                note = f"{self.root / 'latest'} is empty or unreadable; "
+            return done, note
+        return [p for p in done if p.name <= name], note
+
+    def resume_point(self, log: Callable[[str], None] = print) -> Path | None:
+        """Collective: the newest complete checkpoint whose files match their checksums, or None (a
+        fresh run). Damaged ones are named (file and why); when an older intact one is used, they are
+        renamed `<name>.damaged` (kept for inspection, out of `latest` and pruning). Raises
+        CheckpointError when checkpoints exist but none is intact: never train from damaged weights."""
+        candidates, note = self._candidates()
+        if not candidates:
+            if note or (self.latest_name() and not (self.root / self.latest_name()).exists()):
+                raise CheckpointError(f"{self.root / 'latest'} names no complete checkpoint and none is left in "
+                                      f"{self.root}; refusing to start over in a run dir that had checkpoints")
+            return None
+        damaged: list[tuple[Path, str]] = []
+        for path in candidates:
+            problems = verify(path, rank=self.rank, world=self.world, all_gather=self.all_gather)
+            if problems is None:
+                if self.rank == 0:
+                    log(f"{path.name}: no {MANIFEST} (written before checksums): not verified")
+                problems = []
+            if not problems:
+                break
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            damaged.append((path, f"{path / problems[0].split(': ', 1)[0]}: {problems[0].split(': ', 1)[1]}{more}"))
+            if self.rank == 0:
+                log(f"warning: checkpoint {path.name} is damaged: {damaged[-1][1]}")
+        else:
+            listing = "; ".join(why for _, why in damaged)
+            raise CheckpointError(f"{note}no intact checkpoint in {self.root}: {listing}; nothing was changed "
+                                  "(restore the files, or move the checkpoints away to start over)")
+        if damaged or note:
+            if self.rank == 0:
+                moved = []
+                for bad, _ in damaged:
+                    aside = _free_name(bad.with_name(bad.name + ".damaged"))  # a step damaged twice keeps both
+                    os.replace(bad, aside)
+                    moved.append(f"{bad.name} renamed {aside.name}")
+                _write_text_atomic(self.root / "latest", path.name + "\n")
+                moved = ", ".join(moved)
+                log(f"{note}resuming from {path.name}, the newest intact checkpoint" + (f" ({moved})" if moved else ""))
+            self.barrier()
+        return path
+
     def load(self, path: Path, readers: dict[str, Callable[[Path], None]]) -> dict:
         """Collective: restores each component, this rank's RNG, and returns state.json."""
         path = Path(path)
         state_file = path / "state.json"
         try:
             state = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise CheckpointError(f"{state_file}: cannot read run state: {exc}") from None
         for component, read in readers.items():
             if not (path / component).exists():
@@ -139,10 +239,16 @@ class RunCheckpointer:
             except CheckpointError:
                 raise
             except (Exception, CheckpointException) as exc:  # name the part that failed (DCP raises a BaseException)
-                raise CheckpointError(f"{path / component}: cannot load {component}: {exc}") from exc
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise CheckpointError(f"{path / component}: cannot load {component}: {first}") from exc
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
-            restore_rng(torch.load(rng_file, weights_only=False))
+            try:
+                states = torch.load(rng_file, weights_only=False)
+            except Exception as exc:  # a truncated zip: "PytorchStreamReader failed reading zip archive"
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise CheckpointError(f"{rng_file}: cannot read RNG state: {first}") from None
+            restore_rng(states)
         return state
 
 
@@ -150,7 +256,9 @@ class RunCheckpointer:
 #   OREAL_TEST_FAULT="point:step:action[:times],..."   e.g. "save_written:2:kill,rollout:1:raise:2"
 # actions: kill (SIGKILL itself: a kill -9 at an exact moment, no timing races), term (SIGTERM
 # itself: a preemption arriving mid-stage), enospc (OSError ENOSPC: a full disk), raise
-# (RuntimeError: a crashing engine). `times` (default: always) bounds how often it fires.
+# (RuntimeError: a crashing engine), wait (block until the file $OREAL_TEST_WAIT_FILE exists, at
+# most 300 s: a run kept alive while a test starts a second one; FILE.waiting appears meanwhile). `times` (default: always) bounds
+# how often it fires.
 FAULT_ENV = "OREAL_TEST_FAULT"
 _fired: dict[str, int] = {}
 
@@ -175,6 +283,12 @@ def fault_point(point: str, step: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<{FAULT_ENV} at {point}>")
         elif action == "raise":
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at {point}, step {step}")
+        elif action == "wait":
+            release, deadline = os.environ.get("OREAL_TEST_WAIT_FILE", ""), time.monotonic() + 300
+            if release:
+                Path(release + ".waiting").touch()  # tells the test where the run is
+            while release and not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.1)
         else:
             raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
@@ -216,6 +330,14 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}{n}")
+    return candidate
 
 
 def _write_json(path: Path, obj: dict) -> None:

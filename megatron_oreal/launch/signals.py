@@ -29,6 +29,7 @@ This module imports neither Megatron nor torch at import time (torch only inside
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -54,6 +55,31 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPT_FILE_ENV = "OREAL_PREEMPT_FILE"
 
 
+# Signals that arrive before the loop's handler exists (imports, config, model building take seconds
+# to minutes, and a USR1 with the default action kills the process with 138): `install_early()`, the
+# first thing the CLI does, records them here, and PreemptionHandler.install() takes them over.
+_early: dict = {"name": None, "count": 0, "at": None, "pid": None}
+
+
+def _early_handle(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    if os.getpid() != _early["pid"]:
+        return  # a forked child (checkpoint writer): only the trainer acts on a stop
+    _early["count"] += 1
+    if _early["name"] is None:
+        _early["name"], _early["at"] = signal.Signals(signum).name, time.monotonic()
+    os.write(2, f"[oreal] received {signal.Signals(signum).name} while starting: stopping before the first step\n"
+             .encode())
+
+
+def install_early() -> None:
+    """Record preemption signals from now on (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _early["pid"] = os.getpid()
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, _early_handle)
+
+
 class PreemptionHandler:
     """Records the first preemption signal; the loop polls `requested` / `should_stop()` between stages.
 
@@ -75,6 +101,7 @@ class PreemptionHandler:
         self.received_at: float | None = None  # time.monotonic() of the first signal
         self.count = 0  # signals received so far (a second one changes nothing: we still finish the stage)
         self._previous: dict[signal.Signals, object] = {}
+        self._pid = os.getpid()
 
     @property
     def requested(self) -> bool:
@@ -89,6 +116,10 @@ class PreemptionHandler:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if os.getpid() != self._pid:
+            # A forked child (Megatron's checkpoint writers fork) inherits this handler; Slurm signals
+            # it too. Only the trainer decides to stop; the child finishes its write.
+            return
         self.count += 1
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
@@ -99,8 +130,12 @@ class PreemptionHandler:
     def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.install() must run in the main thread (Python delivers signals there)")
+        self._pid = os.getpid()
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _early["name"] is not None and _early["pid"] == self._pid and self.signal_name is None:
+            self.signal_name, self.received_at = _early["name"], _early["at"]
+            self.count += _early["count"]
         return self
 
     def uninstall(self, keep_if_requested: bool = True) -> None:
@@ -165,11 +200,34 @@ def agree_any(flag: bool, group=None) -> bool:
     return bool(t.item())
 
 
+@contextlib.contextmanager
+def shield_children():
+    """Block SIGTERM/SIGUSR1 in this thread while child processes are started (verifier pool,
+    engine, Megatron's checkpoint writers and their spawned Manager).
+
+    A child inherits the blocked mask across fork and exec, so a signal sent to the whole job step
+    (`scancel --signal=USR1`) stays pending in it - harmless - until it sets SIG_IGN (then the
+    pending one is discarded), instead of killing it with the default action in the moment before
+    its own code runs. The trainer loses nothing: the other threads still take the signal, and what
+    reached this thread is delivered to the handler when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def ignore_preemption_signals() -> None:
     """For worker-process initialisers (verifier pool, data loaders): leave preemption to the main process.
 
     Slurm signals every process of a step task, children included; a worker with the default
-    action would die on SIGUSR1 (and on SIGTERM) before the trainer has saved.
+    action would die on SIGUSR1 (and on SIGTERM) before the trainer has saved. SIG_IGN is inherited
+    across fork and exec, so the children of an ignoring process ignore too. Every spawned or
+    forkserver child of the CLI runs this first (megatron_oreal/__main__.py, as `__mp_main__`).
     """
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

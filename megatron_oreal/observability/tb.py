@@ -8,8 +8,28 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from pathlib import Path
 from typing import Mapping
+
+
+def _quiet_full_disk_in_writer_thread() -> None:
+    """TensorBoard writes events from a thread; on a full disk that thread prints a traceback and the
+    same OSError is raised again in the trainer at the next write/flush, where the CLI turns it into
+    one line. Silence the thread's copy only (every other thread exception is printed as before)."""
+    previous = threading.excepthook
+    if getattr(previous, "_oreal_quiet", False):
+        return
+
+    def hook(args):
+        from megatron_oreal.checkpoint.diskfull import is_disk_full
+
+        if args.exc_value is not None and is_disk_full(args.exc_value):
+            return
+        previous(args)
+
+    hook._oreal_quiet = True
+    threading.excepthook = hook
 
 
 class MetricsWriter:
@@ -27,6 +47,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             Path(log_dir).mkdir(parents=True, exist_ok=True)
+            _quiet_full_disk_in_writer_thread()
             self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def write(self, step: int, metrics: Mapping[str, object]) -> int:

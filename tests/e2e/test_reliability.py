@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -219,6 +222,10 @@ def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_pa
     no_weights = tmp_path / "no_weights"
     shutil.copytree(root / "hf", no_weights)
     (no_weights / "model.safetensors").unlink()
+    bad_weights = tmp_path / "bad_weights"  # a copy cut short (a full disk, an interrupted download)
+    shutil.copytree(root / "hf", bad_weights)
+    weights = (bad_weights / "model.safetensors").read_bytes()
+    (bad_weights / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     no_template = tmp_path / "no_template"
     shutil.copytree(root / "hf", no_template)
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
@@ -230,16 +237,24 @@ def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_pa
         (bad_yaml, [], 2, [str(bad_yaml), "line"]),
         (typo, [], 2, [str(typo), "eval.max_new_token", "did you mean 'max_new_tokens'"]),
         (cfg, ["steps=three"], 2, ["steps", "int"]),
-        (cfg, [f"data.train_file={broken}"], 1, [f"{broken}:3", "not valid JSON"]),
-        (cfg, [f"data.train_file={missing}"], 1, [f"{missing}:2", "no answer field"]),
-        (cfg, [f"data.train_file={empty}"], 1, [f"{empty}:1", "gold_answer"]),
-        (cfg, [f"policy.hf_path={no_weights}"], 1, ["policy.hf_path", str(no_weights), "no *.safetensors"]),
-        (cfg, [f"policy.hf_path={no_template}"], 1, ["chat template"]),
+        (cfg, ["policy.optim.lr=-1e-5"], 2, [str(cfg), "policy.optim.lr: must be in (0, inf), got -1e-05"]),
+        (cfg, ["rollout.sampling.n=1", "algo.advantage=grpo"], 2, [str(cfg), "rollout.sampling.n", "grpo"]),
+        (cfg, [f"data.train_file={broken}"], 2, [f"{broken}:3", "not valid JSON"]),
+        (cfg, [f"data.train_file={missing}"], 2, [f"{missing}:2", "no answer field"]),
+        (cfg, [f"data.train_file={empty}"], 2, [f"{empty}:1", "gold_answer"]),
+        (cfg, [f"policy.hf_path={no_weights}"], 2, ["policy.hf_path", str(no_weights), "no *.safetensors"]),
+        (cfg, [f"policy.hf_path={no_template}"], 2, ["chat template"]),
+        (cfg, [f"policy.hf_path={bad_weights}"], 2, ["policy.hf_path", str(bad_weights / "model.safetensors"),
+                                                      "is not a readable safetensors file"]),
     ]
-    # Independent processes, most of their time spent importing: four at a time.
+    # Independent processes, most of their time spent importing: four at a time, each on its own copy
+    # of the run dir (one run dir holds one trainer at a time: the run-dir lock).
+    dirs = [run_dir] + [tmp_path / f"run{i}" for i in range(1, len(cases))]
+    for d in dirs[1:]:
+        shutil.copytree(run_dir, d)
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda c: train(c[0], run_dir, *c[1]), cases))
-    for (config, overrides, code, needles), res in zip(cases, results):
+        results = list(pool.map(lambda c: train(c[0][0], c[1], *c[0][1]), zip(cases, dirs)))
+    for (config, overrides, code, needles), res, run_dir in zip(cases, results, dirs):
         what = f"{config.name} {overrides}"
         assert res.returncode == code, f"{what}: exit {res.returncode}\n{res.stderr[-3000:]}"
         no_traceback(res)
@@ -248,3 +263,204 @@ def test_bad_input_one_clear_message_checkpoint_intact(assets, reference, tmp_pa
         for needle in needles:
             assert needle in errors[0], f"{what}: {needle!r} not in {errors[0]!r}"
         assert _checkpoint_listing(run_dir) == before, what
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 14: faults of a shared cluster. Each case: one line, nothing lost, the documented exit code.
+
+def start(cfg, run_dir, *overrides, fault: str = "", env_extra: dict | None = None):
+    """A `train` process in the background (its own session: the test signals or kills all of it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OREAL_"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **(env_extra or {}))
+    if fault:
+        env["OREAL_TEST_FAULT"] = fault
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    cmd = [sys.executable, str(MAIN), "train", str(cfg), f"run_dir={run_dir}", *overrides]
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+    return proc, out, err
+
+
+def finish(started, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc, out, err = started
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the session
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    out.seek(0), err.seek(0)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+
+
+def wait_for(cond, timeout: float = 240, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(every)
+
+
+def one_error(res) -> str:
+    no_traceback(res)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_second_trainer_on_a_run_dir_refuses_and_the_first_is_untouched(assets, reference, tmp_path):
+    root, cfg = assets
+    _, ref_w, ref_recs, _ = reference
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    first = start(cfg, run_dir, fault="train:1:wait", env_extra={"OREAL_TEST_WAIT_FILE": str(release)})
+    try:
+        wait_for(lambda: Path(f"{release}.waiting").exists())  # the first holds the lock, mid-step 2
+        res = train(cfg, run_dir)  # a resubmitted job on the same run dir
+    finally:
+        release.touch()
+    line = one_error(res)
+    assert res.returncode == 1
+    assert line.startswith(f"error: run dir {run_dir} is in use by another trainer (pid {first[0].pid} on host ")
+    ok(finish(first))  # the first run went on undisturbed and ended like the reference
+    assert records(run_dir) == ref_recs
+    assert_same_weights(exported_weights(run_dir), ref_w)
+    assert (run_dir / ".lock").read_text() == ""  # released at exit
+
+
+def _flip(path: Path, n: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_falls_back_to_the_intact_one_and_never_exports_damage(assets, reference, tmp_path):
+    """4 KiB flipped in the latest weights (the issue's silent corruption): named, the previous intact
+    checkpoint is used, and the run ends bit-identical to the reference; with no intact checkpoint left,
+    one line, exit 1, and the exported hf/ is not replaced."""
+    root, cfg = assets
+    ref_dir, ref_w, ref_recs, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    ck = run_dir / "checkpoints"
+    weights = max((ck / "step_000003" / "policy").rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    _flip(weights)
+    res = ok(train(cfg, run_dir))
+    rel = weights.relative_to(ck / "step_000003")
+    assert (f"warning: checkpoint step_000003 is damaged: {ck / 'step_000003' / rel}: content changed: its SHA-256 "
+            "differs from the manifest's") in res.stdout, res.stdout[-3000:]
+    assert ("resuming from step_000002, the newest intact checkpoint (step_000003 renamed step_000003.damaged)"
+            in res.stdout)
+    assert (ck / "step_000003.damaged" / rel).exists()  # kept for inspection
+    assert records(run_dir) == ref_recs
+    assert_same_weights(exported_weights(run_dir), ref_w)  # step 3 was re-run from intact weights
+
+    hf_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "hf").iterdir()}
+    _flip(ck / "step_000003" / rel)
+    (ck / "step_000002" / "state.json").write_text("")  # emptied
+    res = train(cfg, run_dir)
+    line = one_error(res)
+    assert res.returncode == 1
+    assert line.startswith(f"error: no intact checkpoint in {ck}: ")
+    assert f"{ck / 'step_000003' / rel}: content changed" in line and f"{ck / 'step_000002' / 'state.json'}: empty" in line
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "hf").iterdir()} == hf_before
+
+
+@pytest.mark.slow
+def test_usr1_and_term_to_every_process_of_the_run(assets, reference, tmp_path):
+    """As `scancel --signal=USR1` delivers it: to the trainer, its verifier workers and Megatron's
+    checkpoint writers alike. In the first second (imports): exit 75, nothing to save. A storm of
+    USR1/TERM during a checkpoint save: exit 75 with a checkpoint. The rerun ends bit-identical."""
+    root, cfg = assets
+    _, ref_w, ref_recs, _ = reference
+    run_dir = tmp_path / "run"
+    early = start(cfg, run_dir)
+    time.sleep(1.0)
+    os.killpg(early[0].pid, signal.SIGUSR1)
+    res = finish(early)
+    assert res.returncode == EXIT_PREEMPTED, f"exit {res.returncode}\n{res.stderr[-3000:]}"  # was 138
+    assert "SIGUSR1 received while starting: nothing new to save (latest checkpoint: None), exiting with code 75" \
+        in res.stdout
+    no_traceback(res)
+
+    storm = start(cfg, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / ".tmp_step_000001").exists(), every=0.005)
+    for i in range(12):  # any number, mixed, to every process of the session (writers included)
+        try:
+            os.killpg(storm[0].pid, signal.SIGTERM if i % 3 == 2 else signal.SIGUSR1)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    res = finish(storm)
+    assert res.returncode == EXIT_PREEMPTED, f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    no_traceback(res)
+    stopped = re.search(r"received: checkpoint written at step (\d+), exiting with code 75", res.stdout)
+    assert stopped and latest(run_dir) == f"step_{int(stopped.group(1)):06d}"
+    ok(train(cfg, run_dir))
+    assert records(run_dir) == ref_recs
+    assert_same_weights(exported_weights(run_dir), ref_w)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 2 MiB filesystem (tmpfs): one tiny checkpoint (1.2 MB) fits, a second does not."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "oreal-e2e-fs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); needs root/CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path) -> Path:
+    ballast = mnt / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+@pytest.mark.slow
+def test_real_full_disk_at_a_checkpoint_and_at_the_export(assets, reference, small_fs, tmp_path):
+    """A real full filesystem as the run dir. Each time: one `error:` line saying "no space left on
+    device", the path, and what is intact; exit 1; after freeing space the same command resumes and
+    the run ends bit-identical to the reference."""
+    root, cfg = assets
+    _, ref_w, ref_recs, _ = reference
+    run_dir = small_fs / "run"
+    # 1. the checkpoint of step 2 does not fit (torch's zip writer inside Megatron's save: "unexpected pos")
+    res = train(cfg, run_dir)
+    line = one_error(res)
+    assert res.returncode == 1 and latest(run_dir) == "step_000001"
+    assert line.startswith(f"error: saving checkpoint {run_dir / 'checkpoints' / 'step_000002'} failed: no space "
+                           f"left on device writing {run_dir / 'checkpoints' / '.tmp_step_000002'} (")
+    assert line.endswith("`latest` still points at 'step_000001', which is intact")
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
+    release = tmp_path / "release"
+    # 2. the disk fills up after the last checkpoint, before the HF export (safetensors: SafetensorError).
+    #    (steps.jsonl, eval files and TensorBoard meet a full disk as OSError: tests/unit/checkpoint/test_full_disk.py)
+    run = start(cfg, run_dir, fault="export:3:wait", env_extra={"OREAL_TEST_WAIT_FILE": str(release)})
+    wait_for(lambda: Path(f"{release}.waiting").exists())  # the last checkpoint is written, the export is next
+    ballast = _fill(small_fs)
+    release.touch()
+    res = finish(run)
+    line = one_error(res)
+    assert res.returncode == 1 and not (run_dir / "hf").exists()
+    assert line == (f"error: no space left on device writing {run_dir / 'hf'} (0 KiB free); the checkpoint "
+                    "'step_000003' is intact; free space and rerun the same command")
+    ballast.unlink()
+    ok(train(cfg, run_dir))
+    assert records(run_dir) == ref_recs
+    assert_same_weights(exported_weights(run_dir), ref_w)

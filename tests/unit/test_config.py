@@ -1,3 +1,5 @@
+import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -71,12 +73,74 @@ def test_bad_choice_suggests():
 
 
 def test_value_checks():
-    with pytest.raises(ConfigError, match=r"rollout\.sampling\.n: RLOO needs at least 2"):
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.n: algo\.advantage=rloo .* needs n >= 2, got 1"):
         load_config(None, ["rollout.sampling.n=1"])
-    with pytest.raises(ConfigError, match=r"data\.prompts_per_step: must be > 0"):
+    with pytest.raises(ConfigError, match=r"data\.prompts_per_step: must be in \[1, inf\), got 0"):
         load_config(None, ["data.prompts_per_step=0"])
-    with pytest.raises(ConfigError, match=r"top_p"):
+    with pytest.raises(ConfigError, match=r"top_p: must be in \(0, 1\], got 1.5"):
         load_config(None, ["rollout.sampling.top_p=1.5"])
+
+
+# (override, the start of the one-line error). Every numeric field has a range (config.RANGES).
+BAD_VALUES = [
+    ("policy.optim.lr=-1e-6", "policy.optim.lr: must be in (0, inf), got -1e-06"),
+    ("token_rm.optim.lr=0", "token_rm.optim.lr: must be in (0, inf), got 0.0"),
+    ("policy.optim.lr=.nan", "policy.optim.lr: must be a finite number, got nan"),
+    ("policy.optim.min_lr=1e-3", "policy.optim.min_lr (0.001) must not exceed policy.optim.lr (5e-07)"),
+    ("policy.optim.adam_beta2=1.0", "policy.optim.adam_beta2: must be in [0, 1), got 1.0"),
+    ("policy.optim.adam_eps=0", "policy.optim.adam_eps: must be in (0, inf), got 0.0"),
+    ("algo.kl_coef=-0.1", "algo.kl_coef: must be in [0, inf), got -0.1"),
+    ("algo.correct_threshold=1.0", "algo.correct_threshold: must be in [0, 1), got 1.0"),
+    ("algo.topk_ratio=0", "algo.topk_ratio: must be in (0, 1], got 0.0"),
+    ("algo.max_nonfinite_steps=0", "algo.max_nonfinite_steps: must be in [1, inf), got 0"),
+    ("rollout.sampling.temperature=-1", "rollout.sampling.temperature: must be in [0, inf), got -1.0"),
+    ("rollout.sampling.top_k=-5", "rollout.sampling.top_k: must be in [0, inf), got -5"),
+    ("rollout.mem_fraction_static=1.2", "rollout.mem_fraction_static: must be in (0, 1), got 1.2"),
+    ("rollout.max_restarts=-1", "rollout.max_restarts: must be in [0, inf), got -1"),
+    ("reward.timeout_s=0", "reward.timeout_s: must be in (0, inf), got 0.0"),
+    ("checkpoint.keep=0", "checkpoint.keep: must be in [1, inf), got 0"),
+    ("checkpoint.every=-1", "checkpoint.every: must be in [0, inf), got -1"),
+    ("eval.batch_size=0", "eval.batch_size: must be in [1, inf), got 0"),
+    ("steps=-3", "steps: must be in [1, inf), got -3"),
+    ("rollout.sampling.max_new_tokens=0", "rollout.sampling.max_new_tokens: must be in [1, inf), got 0"),
+    ("parallel.timeout_minutes=0", "parallel.timeout_minutes: must be in [1, inf), got 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_every_numeric_field_has_a_range(override, message, tmp_path):
+    path = write(tmp_path, "steps: 20\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_ranges_cover_every_numeric_field():
+    from megatron_oreal.config import NONFINITE_OK, RANGES, RunConfig
+
+    def numeric(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from numeric(v, f"{prefix}{f.name}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}{f.name}"
+
+    assert sorted(numeric(RunConfig())) == sorted(RANGES)
+    assert NONFINITE_OK <= set(RANGES)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["rollout.sampling.n=1", "algo.advantage=grpo", "algo.selection=all"], "algo.advantage=grpo"),
+    (["rollout.sampling.n=1", "algo.advantage=rloo", "algo.selection=all"], "algo.advantage=rloo"),
+    (["rollout.sampling.n=1", "algo.advantage=reinforce", "algo.selection=one_pair"], "algo.selection=one_pair"),
+])
+def test_combinations_that_cannot_learn(overrides, needle):
+    with pytest.raises(ConfigError, match=r"^config: rollout\.sampling\.n: " + re.escape(needle)):
+        load_config(None, overrides)
+    # n = 1 learns with plain REINFORCE on every sample
+    cfg = load_config(None, ["rollout.sampling.n=1", "algo.advantage=reinforce", "algo.selection=all"])
+    assert cfg.rollout.sampling.n == 1
 
 
 def test_warmup_must_fit_in_the_run():
@@ -115,5 +179,5 @@ def test_sglang_engine_must_match_the_training_tensor_parallel_size():
 def test_collective_timeout_is_configurable_and_positive():
     assert load_config(None).parallel.timeout_minutes == 30
     assert load_config(None, ["parallel.timeout_minutes=5"]).parallel.timeout_minutes == 5
-    with pytest.raises(ConfigError, match=r"parallel\.timeout_minutes: must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=r"parallel\.timeout_minutes: must be in \[1, inf\), got 0"):
         load_config(None, ["parallel.timeout_minutes=0"])

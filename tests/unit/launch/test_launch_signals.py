@@ -128,3 +128,62 @@ def test_flag_file_requests_a_stop_without_a_signal(tmp_path, monkeypatch):
         assert h.requested and h.signal_name == "SIGUSR1" and h.count == 0
     h.uninstall(keep_if_requested=False)  # give pytest its own handlers back
     assert not PreemptionHandler(flag_file="").requested  # "" turns the file off
+
+
+EARLY = """
+import os, signal, sys, time
+from megatron_oreal.launch import signals
+signals.install_early()
+os.kill(os.getpid(), signal.SIGUSR1)   # arrives while 'imports' are still running
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.1)
+h = signals.PreemptionHandler(flag_file="").install()
+print(h.requested, h.signal_name, h.count)
+"""
+
+
+def test_signals_before_the_loop_are_recorded_not_fatal():
+    """A USR1 in the first seconds used to kill the trainer with 138: install_early records it and
+    the loop's handler takes it over."""
+    res = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "SIGUSR1", "2"]
+    assert "received SIGUSR1 while starting: stopping before the first step" in res.stderr
+
+
+CHILDREN = """
+import multiprocessing as mp, os, signal, sys, time
+from megatron_oreal.launch.signals import PreemptionHandler, shield_children
+
+def child_main(q):
+    q.put(os.getpid())
+    time.sleep(1.0)   # signals arrive here, before the child installs anything (default action: death)
+
+if __name__ == "__main__":
+    h = PreemptionHandler(flag_file="").install()
+    ctx = mp.get_context(sys.argv[1])
+    q = ctx.Queue()
+    with shield_children():
+        p = ctx.Process(target=child_main, args=(q,))
+        p.start()
+    pid = q.get(timeout=30)
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1):
+        os.kill(pid, sig)
+    os.kill(os.getpid(), signal.SIGUSR1)  # and the trainer itself still gets its stop request
+    p.join(30)
+    print(p.exitcode, h.requested, h.signal_name, h.count)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_children_started_under_the_shield_survive_the_job_step_signals(tmp_path, method):
+    """`scancel --signal=USR1` signals every process; a writer/verifier child must not die of it, and
+    a forked child's inherited handler must not act (only the trainer records one stop)."""
+    script = tmp_path / "children.py"
+    script.write_text(CHILDREN)
+    res = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["0", "True", "SIGUSR1", "1"], res.stdout + res.stderr
+    assert res.stderr.count("received SIGUSR1") == 1  # the trainer's; a forked child stays silent
