@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LOCK = HERE / "requirements-sglang-cpu.txt"
+STANDIN = HERE / "stubs" / "sgl_kernel" / "__init__.py"  # copied into the env: it is part of the key
 SGLANG = "sglang==0.5.21"
 TORCH = "torch==2.13.0"  # on every pip command: anything unpinned would pull a multi-GB CUDA torch
 
@@ -35,7 +36,7 @@ def cache_root() -> Path:
 
 def env_key() -> str:
     h = hashlib.sha256()
-    for f in (LOCK, Path(__file__).resolve()):
+    for f in (LOCK, STANDIN, Path(__file__).resolve()):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     h.update(SGLANG.encode())
     return h.hexdigest()[:12]
@@ -59,6 +60,21 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _run_env(cmd: list[str], env: dict) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
 def _guard_torchvision(site: Path) -> None:
     f = site / "torchvision" / "_meta_registrations.py"
     text = f.read_text()
@@ -75,8 +91,10 @@ def build() -> Path:
     if is_built(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.tmp-*"):  # failed builds, kept for a post-mortem
+        if not _pid_alive(int(old.name.rsplit("-", 1)[1])):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     try:
         _run([sys.executable, "-m", "venv", str(tmp)])
@@ -88,17 +106,22 @@ def build() -> Path:
         site = Path(subprocess.check_output(
             [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
         _guard_torchvision(site)
-        # Smoke: the server's entry module must import with our sgl_kernel stand-in on the path.
-        env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=str(HERE / "stubs"))
-        subprocess.run([py, "-c", "import sglang.srt.entrypoints.http_server"], check=True, env=env)
+        shutil.copytree(STANDIN.parent, site / "sgl_kernel")
+        # Smoke: the server's entry module and the CPU memory pool (which imports our stand-in) load.
+        env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+        env.pop("PYTHONPATH", None)
+        _run_env([py, "-c", "import sglang.srt.entrypoints.http_server, sglang.srt.mem_cache.allocation"], env)
         (tmp / ".complete").write_text(f"built in {time.time() - t0:.0f} s\n")
         try:
             os.rename(tmp, final)
         except OSError:  # another build won the race: use its complete env
             if not is_built(final):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        print(f"build_env: FAILED after {time.time() - t0:.0f} s; partial env left in {tmp} "
+              "(never used; removed by the next build)", file=sys.stderr, flush=True)
+        raise
     print(f"build_env: built {final} in {time.time() - t0:.0f} s", flush=True)
     return final
 

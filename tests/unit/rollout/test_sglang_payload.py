@@ -60,6 +60,7 @@ def _fake_update(body: dict) -> dict:
 
 def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
     released: set[str] = set()
+    session = {"open": False}  # sglang 0.5.21's weight-update session (weight_updater.py:217-316)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
@@ -74,7 +75,12 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
             self.wfile.write(data)
 
         def do_GET(self):
-            self._reply(200, None) if self.path == "/health" else self._reply(404, {"error": self.path})
+            if self.path in ("/health", "/model_info", "/ready"):
+                with open(log_path + ".get", "a") as f:  # probes: kept apart from the POST choreography
+                    f.write(json.dumps({"path": self.path}) + "\n")
+                self._reply(200, None)
+            else:
+                self._reply(404, {"error": self.path})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
@@ -92,6 +98,21 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
                         os._exit(3)  # die mid-request, as a crashed scheduler would
                 reply = _fake_generate(body)
                 entry["n"] = len(body["input_ids"])
+            elif self.path == "/update_weights_from_tensor" and not session["open"]:
+                # 0.5.21 answers success=False with HTTP 400 (http_server.py:1378-1397)
+                code, reply = 400, {"success": False, "message": "update_weights_from_tensor must run between "
+                                    "begin_weight_update() and end_weight_update()"}
+            elif self.path in ("/begin_weight_update", "/end_weight_update"):
+                want = self.path == "/end_weight_update"  # end needs an open session, begin a closed one
+                if session["open"] != want:
+                    code, reply = 400, {"success": False, "message": "session already open" if not want
+                                        else "no weight-update session is open"}
+                else:
+                    session["open"] = not want
+                    reply = {"success": True, "message": "Success"}
+            elif self.path == "/update_weights_from_tensor" and os.path.exists(os.path.join(state_dir, "fail_update")):
+                os.remove(os.path.join(state_dir, "fail_update"))  # one failed load, as a bad tensor would give
+                code, reply = 400, {"success": False, "message": "fake load failure"}
             elif self.path == "/update_weights_from_tensor":
                 entry["load_format"], entry["flush_cache"] = body["load_format"], body["flush_cache"]
                 # decoding imports torch (seconds on a loaded machine): only where a test reads it
@@ -228,9 +249,11 @@ def test_engine_against_fake_server(fake_engine):
     eng.update_weights(weights.items())
     paths = [e["path"] for e in _log(log)]
     sync = paths[paths.index("/release_memory_occupation"):]
+    # the updates inside a session; the KV cache and CUDA graphs back before generation continues
     assert sync == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/flush_cache",
-                    "/update_weights_from_tensor", "/update_weights_from_tensor", "/update_weights_from_tensor",
-                    "/flush_cache", "/continue_generation", "/resume_memory_occupation"]
+                    "/begin_weight_update", "/update_weights_from_tensor", "/update_weights_from_tensor",
+                    "/update_weights_from_tensor", "/end_weight_update", "/flush_cache", "/resume_memory_occupation",
+                    "/continue_generation"]
     entries = _log(log)
     tags = [e["tags"] for e in entries if "tags" in e]
     assert tags == [["weights", "kv_cache", "cuda_graph"], ["weights"], ["kv_cache", "cuda_graph"]]
@@ -246,6 +269,50 @@ def test_engine_against_fake_server(fake_engine):
     before = len(_log(log))
     eng.resume_memory()
     assert len(_log(log)) == before
+
+
+def test_fake_server_refuses_updates_outside_a_session(fake_engine):
+    """Like sglang 0.5.21: an update, an end or a second begin out of turn is a 400 with success=False."""
+    from megatron_oreal.rollout.sglang_engine import SGLangError
+
+    eng, log = fake_engine()
+    c = eng.client
+    with pytest.raises(SGLangError, match="HTTP 400.*must run between begin_weight_update"):
+        c.update_weights_from_tensor(["x"])
+    with pytest.raises(SGLangError, match="HTTP 400.*no weight-update session"):
+        c.end_weight_update()
+    c.begin_weight_update()
+    with pytest.raises(SGLangError, match="HTTP 400.*already open"):
+        c.begin_weight_update()
+    c.end_weight_update()
+
+
+def test_failed_sync_closes_the_session_and_the_next_sync_works(fake_engine, tmp_path):
+    import torch
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import EngineRestarted
+
+    eng, log = fake_engine()
+    open(tmp_path / "fail_update", "w").close()
+    with pytest.raises(RuntimeError, match="fake load failure"):
+        eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert not eng.session_open and eng.needs_resync
+    assert [e["path"] for e in _log(log)][-3:] == ["/begin_weight_update", "/update_weights_from_tensor",
+                                                  "/end_weight_update"]
+    with pytest.raises(EngineRestarted, match="stale"):  # half-loaded weights are never sampled from
+        eng.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert eng.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))[0][0].finish_reason == "length"
+
+
+def test_health_probes_never_generate_on_a_released_engine(fake_engine):
+    eng, log = fake_engine()
+    open(log + ".get", "w").close()  # forget the start-up /health
+    assert eng.health()
+    eng.release_memory()
+    assert eng.health()
+    assert [e["path"] for e in _log(log + ".get")] == ["/ready", "/model_info"]
 
 
 def test_restart_on_death_and_stale_weights(fake_engine):
