@@ -128,9 +128,17 @@ class Run:
         from megatron_oreal.rollout import build_engine
 
         cfg = self.cfg
-        self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+        self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout,
+                                   **self._engine_extra())
         self.verifier = Verifier(workers=cfg.reward.workers, timeout=cfg.reward.timeout_s,
                                  llm_judge=_llm_judge(cfg.reward))
+
+    def _engine_extra(self) -> dict:
+        """The SGLang server's log goes into the run folder (one file per engine leader, appended across
+        restarts and resumes)."""
+        if self.cfg.rollout.engine != "sglang":
+            return {}
+        return {"log_path": str(self.run_dir / f"sglang_server_rank{self.rank}.log")}
 
     def sync_weights(self) -> dict[str, float]:
         """Policy (Megatron shards) -> HF tensors -> the engine. Collective."""
@@ -186,7 +194,8 @@ class Run:
             from megatron_oreal.rollout import build_engine
 
             cfg = self.cfg
-            self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+            self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout,
+                                   **self._engine_extra())
         self.sync_weights()  # the new engine starts from the HF files: give it the trained weights
 
     def release_engine(self) -> None:

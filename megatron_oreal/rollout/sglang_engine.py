@@ -320,13 +320,15 @@ class SGLangEngine:
 
     `group`: gloo group of this engine's ranks (None when the engine has one rank), `leader_rank`:
     its first global rank. `command` overrides the launch command (tests start a fake server).
+    `url`: attach to a server that is already running (launched and owned by someone else: never
+    restarted or stopped here; the `sglang` test tier shares one server between tests and processes).
     """
 
     def __init__(self, model_or_hf_dir: Any, tokenizer: Any = None, rollout_cfg: Any = None, *,
                  group: Any = None, leader_rank: int = 0, port: int | None = None, gpu_id: int | None = None,
                  dtype: str | None = None, seed: int = 0, extra_args: Iterable[str] = (),
                  command: list[str] | None = None, log_path: str | None = None, launch_timeout_s: float | None = None,
-                 request_timeout_s: float = 3600.0) -> None:
+                 request_timeout_s: float = 3600.0, url: str | None = None) -> None:
         if not isinstance(model_or_hf_dir, (str, Path)):
             raise TypeError(f"SGLangEngine needs an HF checkpoint folder, got {type(model_or_hf_dir).__name__}")
         self.tokenizer = tokenizer
@@ -353,7 +355,9 @@ class SGLangEngine:
         self.server: SGLangServer | None = None
         self.client: SGLangClient | None = None
         error = None
-        if self.is_leader:
+        if self.is_leader and url:
+            self.client = SGLangClient(url, timeout_s=request_timeout_s)
+        elif self.is_leader:
             try:
                 port = port or free_port()
                 if gpu_id is None:
@@ -413,8 +417,8 @@ class SGLangEngine:
         try:
             return fn()
         except (SGLangError, OSError):
-            if self.server is not None and self.server.alive() and self.client.live():
-                raise  # the server is fine: the request itself failed
+            if self.server is None or (self.server.alive() and self.client.live()):
+                raise  # the server is fine (or not ours to restart): the request itself failed
             self.restart()
             if needs_synced_weights and self.needs_resync:
                 raise EngineRestarted("the SGLang server died and was restarted; re-sync the weights") from None
@@ -484,7 +488,7 @@ class SGLangEngine:
 
     def health(self) -> bool:
         """Liveness while released (a /health probe would generate), readiness otherwise. Collective."""
-        ok = self.is_leader and self.server is not None and self.server.alive() and (
+        ok = self.is_leader and (self.server is None or self.server.alive()) and (
             self.client.live() if self.released else self.client.ready())
         return bool(self._share(ok))
 
@@ -530,7 +534,7 @@ class SGLangEngine:
         """After a failed sync (any rank; no collectives here): close the session so that the next
         sync can open one, and refuse to generate until a sync completes (the weights are a mix)."""
         self.needs_resync = True
-        if not self.is_leader or self.server is None or not self.server.alive():
+        if not self.is_leader or (self.server is not None and not self.server.alive()):
             return
         try:
             if self.session_open:

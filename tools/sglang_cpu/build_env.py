@@ -1,11 +1,16 @@
 """Build (or find) the CPU SGLang 0.5.21 environment the `sglang` tests run their servers from.
 
-    python tools/sglang_cpu/build_env.py          # prints the env's python on the last line
+    python tools/sglang_cpu/build_env.py          # builds if needed; prints the env's python on stdout
+    python tools/sglang_cpu/build_env.py --check  # prints it only if already built (exit 1 if not)
+
+Progress goes to stderr, so `PY=$(python tools/sglang_cpu/build_env.py)` works.
 
 Why a separate environment: sglang pins transformers 5.12.1 and pulls ~3 GB (triton, xgrammar...), and
 0.5.21 does not install on a CPU-only machine as published (see tools/sglang_cpu/README.md). The env is
 cached OUTSIDE the checkout, keyed by the hash of the pinned lock and of this file, so a fresh CI clone
-reuses it while the machine still has it and builds it when not. The build goes into a temporary
+reuses it while the machine still has it and builds it when not. The key covers the lock, the sgl_kernel
+stand-in copied into the env, and RECIPE (bump it when a change here changes what gets built; log-only
+edits of this file do not force a 13-minute rebuild). The build goes into a temporary
 directory that is renamed into place only when complete: a half-built env is never reused.
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 LOCK = HERE / "requirements-sglang-cpu.txt"
 STANDIN = HERE / "stubs" / "sgl_kernel" / "__init__.py"  # copied into the env: it is part of the key
 SGLANG = "sglang==0.5.21"
+RECIPE = "v1: venv; torch; lock --no-deps; sglang --no-deps; torchvision nms/qnms guard; sgl_kernel stand-in"
 TORCH = "torch==2.13.0"  # on every pip command: anything unpinned would pull a multi-GB CUDA torch
 
 # PyPI's torchvision 0.28.0 registers fake kernels for torchvision::nms/qnms unconditionally; without its
@@ -36,9 +42,9 @@ def cache_root() -> Path:
 
 def env_key() -> str:
     h = hashlib.sha256()
-    for f in (LOCK, STANDIN, Path(__file__).resolve()):
+    for f in (LOCK, STANDIN):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    h.update(SGLANG.encode())
+    h.update((SGLANG + TORCH + RECIPE + _TV_GUARD).encode())
     return h.hexdigest()[:12]
 
 
@@ -55,9 +61,13 @@ def is_built(d: Path | None = None) -> bool:
     return (d / ".complete").is_file() and env_python(d).exists()
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    _say("+ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -71,8 +81,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _run_env(cmd: list[str], env: dict) -> None:
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    _say("+ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
 
 
 def _guard_torchvision(site: Path) -> None:
@@ -119,14 +129,20 @@ def build() -> Path:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        print(f"build_env: FAILED after {time.time() - t0:.0f} s; partial env left in {tmp} "
-              "(never used; removed by the next build)", file=sys.stderr, flush=True)
+        _say(f"build_env: FAILED after {time.time() - t0:.0f} s; partial env left in {tmp} "
+             "(never used; removed by the next build)")
         raise
-    print(f"build_env: built {final} in {time.time() - t0:.0f} s", flush=True)
+    _say(f"build_env: built {final} in {time.time() - t0:.0f} s")
     return final
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--check"]:
+        if not is_built():
+            _say(f"build_env: not built: {env_dir()}")
+            return 1
+        print(env_python())
+        return 0
     d = build()
     print(env_python(d))
     return 0
