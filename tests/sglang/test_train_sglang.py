@@ -20,7 +20,7 @@ def test_train_tiny_with_sglang_checkpoint_and_resume(tmp_path):
             f"run_dir={run}",
             # the CPU server (rollout/sglang_engine.py CPU_SERVER_FLAGS) from the CPU SGLang env
             f"rollout.sglang_python={sglang_python()}", "rollout.sglang_device=cpu",
-            "rollout.sglang_deterministic=false", f"rollout.sglang_server_args=[{','.join(CPU_SERVER_ARGS)}]",
+            "rollout.sglang_deterministic=false", f"rollout.sglang_server_args={json.dumps(CPU_SERVER_ARGS)}",
             # 3 steps: warm-up must be shorter; a checkpoint and an eval at step 2, fewer prompts per step
             "policy.optim.warmup_steps=1", "token_rm.optim.warmup_steps=1", "algo.actor_freeze_steps=1",
             "checkpoint.every=2", "eval.every=2", "data.prompts_per_step=8"]

@@ -6,7 +6,8 @@ Written by us for the `sglang` test tier (tools/sglang_cpu/README.md). Matches s
   - `copy_all_layer_kv_cache_cpu`: kernels/ops/kvcache/cache_move.py, the CPU twin of the triton kernel
     `copy_all_layer_kv_cache_tiled`.
 The real package (`sglang-kernel` 0.4.7) exists on PyPI only as a CUDA build that fails to import here.
-Anything else taken from this module fails loudly, so a new code path cannot silently run a wrong op.
+Anything else may be imported (sglang imports e.g. `build_tree_kernel_efficient_cpu` for speculative
+decoding at module level) but fails loudly when called, so no code path can silently run a wrong op.
 """
 from __future__ import annotations
 
@@ -44,5 +45,12 @@ def copy_all_layer_kv_cache_cpu(data_ptrs: torch.Tensor, strides: torch.Tensor,
 
 
 def __getattr__(name: str):
-    raise ImportError(f"sgl_kernel.{name}: not provided by megatron-oreal's CPU stand-in "
-                      f"(tools/sglang_cpu/stubs/sgl_kernel); this SGLang code path is untested on CPU")
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError(f"sgl_kernel.{name}: not provided by megatron-oreal's CPU stand-in "
+                                  f"(tools/sglang_cpu/stubs/sgl_kernel); this SGLang code path is untested on CPU")
+
+    missing.__name__ = name
+    return missing
