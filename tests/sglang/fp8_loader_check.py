@@ -23,7 +23,10 @@ def main():
     for name, t in data["layers"].items():
         n, k = t["w"].shape
         layer = torch.nn.Module()
-        method.create_weights(layer, k, [n], k, n, torch.bfloat16, weight_loader=default_weight_loader)
+        # skip_block_quant_check: its checks (fp8.py:568-592) concern TP>1 or merged partitions and read the
+        # server's published parallel config, absent outside a server; this is one TP=1 partition.
+        method.create_weights(layer, k, [n], k, n, torch.bfloat16, skip_block_quant_check=True,
+                              weight_loader=default_weight_loader)
         r = {}
         for pname, ours in (("weight", t["q"]), ("weight_scale_inv", t["s"])):
             p = getattr(layer, pname)
