@@ -16,6 +16,9 @@ MAIN = REPO / "megatron_oreal" / "__main__.py"
 
 def test_train_tiny_with_sglang_checkpoint_and_resume(tmp_path):
     run = tmp_path / "R"
+    # 64 of the 1000 held-out problems: three evaluations of all 1000 would dominate the run on 2 cores
+    heldout = (REPO / "examples" / "tiny" / "data" / "heldout.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "heldout64.jsonl").write_text("".join(heldout[:64]))
     args = ["train", str(REPO / "examples" / "tiny" / "oreal.yaml"), "rollout.engine=sglang", "steps=3",
             f"run_dir={run}",
             # the CPU server (rollout/sglang_engine.py CPU_SERVER_FLAGS) from the CPU SGLang env
@@ -23,7 +26,8 @@ def test_train_tiny_with_sglang_checkpoint_and_resume(tmp_path):
             "rollout.sglang_deterministic=false", f"rollout.sglang_server_args={json.dumps(CPU_SERVER_ARGS)}",
             # 3 steps: warm-up must be shorter; a checkpoint and an eval at step 2, fewer prompts per step
             "policy.optim.warmup_steps=1", "token_rm.optim.warmup_steps=1", "algo.actor_freeze_steps=1",
-            "checkpoint.every=2", "eval.every=2", "data.prompts_per_step=8"]
+            "checkpoint.every=2", "eval.every=2", "data.prompts_per_step=8",
+            f"data.eval_file={tmp_path / 'heldout64.jsonl'}"]
     run_torchrun(MAIN, 1, args + ["--max-steps", "2"], timeout=900)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
     out = run_torchrun(MAIN, 1, args, timeout=900)
