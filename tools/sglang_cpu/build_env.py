@@ -45,6 +45,7 @@ def env_key() -> str:
     for f in (LOCK, STANDIN):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     h.update((SGLANG + TORCH + RECIPE + _TV_GUARD).encode())
+    h.update(f"python{sys.version_info[0]}.{sys.version_info[1]}".encode())  # the lock's wheels are per version
     return h.hexdigest()[:12]
 
 
