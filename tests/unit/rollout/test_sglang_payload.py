@@ -200,6 +200,22 @@ def test_generate_request_maps_our_sampling_params():
     assert greedy["sampling_params"][0]["top_k"] == 5 and greedy["sampling_params"][0]["stop_token_ids"] is None
 
 
+def test_server_command_per_device():
+    from megatron_oreal.rollout.sglang_engine import CPU_SERVER_FLAGS, server_command
+
+    kw = dict(tp_size=2, base_gpu_id=4, port=1, nccl_port=2, mem_fraction_static=0.5, seed=3)
+    gpu = server_command("/m", **kw, deterministic=True)
+    assert gpu[1:3] == ["-m", "sglang.launch_server"] and "--enable-memory-saver" in gpu
+    assert gpu[gpu.index("--base-gpu-id") + 1] == "4" and "--enable-deterministic-inference" in gpu
+    assert not set(CPU_SERVER_FLAGS) & {"--device", "--attention-backend"} & set(gpu)
+    cpu = server_command("/m", **kw, python="/env/bin/python", device="cpu", dtype="float32",
+                         extra_args=["--context-length", "128"])
+    assert cpu[0] == "/env/bin/python" and cpu[-2:] == ["--context-length", "128"]  # extra args last: they override
+    assert cpu[cpu.index("--device") + 1] == "cpu" and cpu[cpu.index("--attention-backend") + 1] == "torch_native"
+    assert "--enable-memory-saver" not in cpu and "--base-gpu-id" not in cpu  # needs libcuda / a GPU
+    assert "--enable-deterministic-inference" not in cpu and cpu[cpu.index("--dtype") + 1] == "float32"
+
+
 def test_parse_generate_response():
     from megatron_oreal.rollout.engine import SamplingParams
     from megatron_oreal.rollout.sglang_engine import SGLangError, parse_generate_response
