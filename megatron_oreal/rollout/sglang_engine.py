@@ -265,6 +265,15 @@ def server_command(model_path: str, *, tp_size: int, base_gpu_id: int, port: int
     return cmd + list(extra_args)
 
 
+def _die_with_parent() -> None:
+    """In the server's child before exec: SIGKILL it when the trainer dies, even by SIGKILL (it lives in
+    its own session, so nothing else would end it; SGLang's own subprocesses follow their launcher)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class SGLangServer:
     """The leader's server subprocess: launch, wait for /health, kill the whole process group."""
 
@@ -279,7 +288,7 @@ class SGLangServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=self.env)
+                                         env=self.env, preexec_fn=_die_with_parent)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child holds its own copy

@@ -29,7 +29,7 @@ def rollout_cfg(**kw) -> SimpleNamespace:
     base = dict(tensor_parallel_size=1, fp8=False, max_restarts=0, sync_bucket_mb=1,
                 check_weights_after_first_sync=False, mem_fraction_static=0.5, sglang_python=sglang_python(),
                 sglang_device="cpu", sglang_server_args=list(CPU_SERVER_ARGS), sglang_deterministic=False,
-                sglang_launch_timeout_s=900.0)
+                sglang_launch_timeout_s=1500.0)
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -16,7 +16,7 @@ import pytest
 from helpers.sglang_cpu import TINY, greedy, make_prompts, policy_after_one_step, tokens
 from helpers.torchrun import run_torchrun
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]  # a server start takes minutes on a loaded machine
 from helpers.sglang_cpu import EOS
 
 

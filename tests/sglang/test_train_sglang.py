@@ -10,7 +10,7 @@ import pytest
 from helpers.sglang_cpu import CPU_SERVER_ARGS, REPO, sglang_python
 from helpers.torchrun import run_torchrun
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(3000)]  # a server start takes minutes on a loaded machine
 MAIN = REPO / "megatron_oreal" / "__main__.py"
 
 
@@ -24,13 +24,14 @@ def test_train_tiny_with_sglang_checkpoint_and_resume(tmp_path):
             # the CPU server (rollout/sglang_engine.py CPU_SERVER_FLAGS) from the CPU SGLang env
             f"rollout.sglang_python={sglang_python()}", "rollout.sglang_device=cpu",
             "rollout.sglang_deterministic=false", f"rollout.sglang_server_args={json.dumps(CPU_SERVER_ARGS)}",
+            "rollout.sglang_launch_timeout_s=1800",
             # 3 steps: warm-up must be shorter; a checkpoint and an eval at step 2, fewer prompts per step
             "policy.optim.warmup_steps=1", "token_rm.optim.warmup_steps=1", "algo.actor_freeze_steps=1",
             "checkpoint.every=2", "eval.every=2", "data.prompts_per_step=8",
             f"data.eval_file={tmp_path / 'heldout64.jsonl'}"]
-    run_torchrun(MAIN, 1, args + ["--max-steps", "2"], timeout=900)
+    run_torchrun(MAIN, 1, args + ["--max-steps", "2"], timeout=1400)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
-    out = run_torchrun(MAIN, 1, args, timeout=900)
+    out = run_torchrun(MAIN, 1, args, timeout=1400)
     assert "resumed from" in out
     rows = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-1] == 3
