@@ -382,6 +382,9 @@ class SGLangEngine:
                 env = None
                 if self.device == "cpu":  # SGLang's CPU code paths (sglang/srt/utils: is_cpu)
                     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+                    bind = cpu_threads_bind(self.tp_size)
+                    if bind and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+                        env["SGLANG_CPU_OMP_THREADS_BIND"] = bind
                 self.client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=request_timeout_s)
                 self.server = SGLangServer(cmd, self.client, launch_timeout_s=launch_timeout_s, log_path=log_path,
                                            env=env)
@@ -558,6 +561,25 @@ class SGLangEngine:
         except SGLangError as exc:
             return [str(exc)]
         return []
+
+
+def cpu_threads_bind(tp_size: int, cores: Iterable[int] | None = None) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for a CPU server with tp_size ranks: our cores split into tp_size
+    contiguous ranges ("0-3|4-7"). Without it 0.5.21 allows one rank per NUMA node only
+    (srt/utils/numa_utils.py:449-462), so TP=2 on a one-node machine needs it. "" for TP=1 or when the
+    cores do not split evenly into contiguous ranges (SGLang then says what to set)."""
+    if tp_size <= 1:
+        return ""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(cores) < tp_size or len(cores) % tp_size:
+        return ""
+    k, parts = len(cores) // tp_size, []
+    for i in range(tp_size):
+        chunk = cores[i * k:(i + 1) * k]
+        if chunk[-1] - chunk[0] != k - 1:
+            return ""
+        parts.append(str(chunk[0]) if k == 1 else f"{chunk[0]}-{chunk[-1]}")
+    return "|".join(parts)
 
 
 class cpu_tensor_sharing:

@@ -216,6 +216,15 @@ def test_server_command_per_device():
     assert "--enable-deterministic-inference" not in cpu and cpu[cpu.index("--dtype") + 1] == "float32"
 
 
+def test_cpu_threads_bind_splits_our_cores_per_tp_rank():
+    from megatron_oreal.rollout.sglang_engine import cpu_threads_bind
+
+    assert cpu_threads_bind(2, [0, 1]) == "0|1"  # what TP=2 on this 2-core machine ran with
+    assert cpu_threads_bind(2, range(8)) == "0-3|4-7"
+    assert cpu_threads_bind(1, [0, 1]) == "" and cpu_threads_bind(2, [0, 1, 2]) == ""
+    assert cpu_threads_bind(2, [0, 2, 4, 5]) == ""  # not contiguous: left to SGLang's own message
+
+
 def test_parse_generate_response():
     from megatron_oreal.rollout.engine import SamplingParams
     from megatron_oreal.rollout.sglang_engine import SGLangError, parse_generate_response
