@@ -265,13 +265,17 @@ def server_command(model_path: str, *, tp_size: int, base_gpu_id: int, port: int
     return cmd + list(extra_args)
 
 
-def _die_with_parent() -> None:
-    """In the server's child before exec: SIGKILL it when the trainer dies, even by SIGKILL (it lives in
-    its own session, so nothing else would end it; SGLang's own subprocesses follow their launcher)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _death_signal_setter() -> Callable[[], None] | None:
+    """A preexec_fn that makes the server get SIGKILL when the thread that started it (the trainer's main
+    thread) dies, even by SIGKILL: it lives in its own session, so nothing else would end it (SGLang's own
+    subprocesses follow their launcher). prctl is resolved here, in the parent: the child between fork and
+    exec must not import anything (another thread may hold the import lock)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class SGLangServer:
@@ -288,7 +292,7 @@ class SGLangServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=self.env, preexec_fn=_die_with_parent)
+                                         env=self.env, preexec_fn=_death_signal_setter())
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child holds its own copy

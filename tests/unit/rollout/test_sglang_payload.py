@@ -387,6 +387,37 @@ def test_weight_check_choreography(fake_engine):
     assert actions == ["snapshot", "reset_tensors", "compare"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_process_dies_with_a_killed_trainer(tmp_path):
+    import subprocess
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    trainer = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+sys.path.insert(0, {repo!r})
+from megatron_oreal.rollout.sglang_engine import _death_signal_setter
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
+                     preexec_fn=_death_signal_setter())
+print(p.pid, flush=True)
+time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True)
+    server_pid = int(trainer.stdout.readline())
+    trainer.kill()  # SIGKILL: no cleanup code runs in the trainer
+    trainer.wait()
+    for _ in range(100):
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{server_pid}/stat").read().split(")")[1].split()[0] == "Z":
+            break  # dead, waiting to be reaped by init
+        time.sleep(0.1)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the server outlived its trainer")
+
+
 def test_startup_failure_names_the_log(tmp_path):
     from megatron_oreal.rollout.sglang_engine import SGLangEngine, SGLangError, free_port
 
