@@ -408,10 +408,10 @@ time.sleep(300)
     for _ in range(100):
         try:
             os.kill(server_pid, 0)
-        except ProcessLookupError:
+            if open(f"/proc/{server_pid}/stat").read().split(")")[1].split()[0] == "Z":
+                break  # dead, waiting to be reaped by init
+        except (ProcessLookupError, FileNotFoundError):
             break
-        if open(f"/proc/{server_pid}/stat").read().split(")")[1].split()[0] == "Z":
-            break  # dead, waiting to be reaped by init
         time.sleep(0.1)
     else:
         os.kill(server_pid, signal.SIGKILL)
