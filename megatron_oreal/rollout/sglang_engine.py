@@ -383,9 +383,9 @@ class SGLangEngine:
                     dtype=dtype or ("float32" if self.device == "cpu" else "bfloat16"), seed=seed,
                     fp8=self.fp8, extra_args=extra, python=getattr(rollout_cfg, "sglang_python", ""),
                     device=self.device, deterministic=getattr(rollout_cfg, "sglang_deterministic", False))
-                env = None
+                env = server_env(os.environ)
                 if self.device == "cpu":  # SGLang's CPU code paths (sglang/srt/utils: is_cpu)
-                    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+                    env["SGLANG_USE_CPU_ENGINE"] = "1"
                     bind = cpu_threads_bind(self.tp_size)
                     if bind and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
                         env["SGLANG_CPU_OMP_THREADS_BIND"] = bind
@@ -565,6 +565,18 @@ class SGLangEngine:
         except SGLangError as exc:
             return [str(exc)]
         return []
+
+
+# torchrun's variables, inherited by the trainer: a server that sees TORCHELASTIC_USE_AGENT_STORE joins
+# torch's rendezvous as a client of the *trainer's* agent store at its own --nccl-port, where nobody
+# listens, and hangs in init_process_group (seen on CPU: py-spy in rendezvous.py _create_c10d_store).
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
+
+
+def server_env(environ: dict) -> dict:
+    """The trainer's environment minus torchrun's rendezvous variables: the server is its own job."""
+    return {k: v for k, v in environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
 
 
 def cpu_threads_bind(tp_size: int, cores: Iterable[int] | None = None) -> str:

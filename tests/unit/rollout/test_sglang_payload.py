@@ -216,6 +216,14 @@ def test_server_command_per_device():
     assert "--enable-deterministic-inference" not in cpu and cpu[cpu.index("--dtype") + 1] == "float32"
 
 
+def test_server_env_drops_torchruns_rendezvous_variables():
+    from megatron_oreal.rollout.sglang_engine import server_env
+
+    env = server_env({"MASTER_PORT": "1", "RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True", "PATH": "/bin",
+                      "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+
+
 def test_cpu_threads_bind_splits_our_cores_per_tp_rank():
     from megatron_oreal.rollout.sglang_engine import cpu_threads_bind
 
