@@ -143,7 +143,7 @@ class Run:
     def sync_weights(self) -> dict[str, float]:
         """Policy (Megatron shards) -> HF tensors -> the engine. Collective."""
         from megatron_oreal.checkpoint.gather import iter_hf_tensors
-        from megatron_oreal.sync import InProcessTransport, SGLangIPCTransport, sync_weights
+        from megatron_oreal.sync import InProcessTransport, sync_weights
 
         cfg = self.cfg.rollout
         if torch.cuda.is_available():  # hand the activations' cached blocks back before the engine resumes
@@ -154,10 +154,13 @@ class Run:
             for _ in source:  # take part in the collectives; the tensors land on the engine rank
                 pass
             return {}
-        transport = SGLangIPCTransport(self.engine) if cfg.engine == "sglang" else InProcessTransport(self.engine)
         flat = ((name, t) for bucket in source for name, t in bucket)
         check = cfg.check_weights_after_first_sync and not self.synced_once
-        metrics = sync_weights(flat, transport, fp8=cfg.fp8, bucket_bytes=bucket_bytes, check=check)
+        if cfg.engine == "sglang":  # SGLangIPCTransport plus what a real server needs (rollout/sglang_engine.py)
+            metrics = self.engine.sync(flat, bucket_bytes=bucket_bytes, check=check)
+        else:
+            metrics = sync_weights(flat, InProcessTransport(self.engine), fp8=cfg.fp8, bucket_bytes=bucket_bytes,
+                                   check=check)
         self.synced_once = True
         return metrics.as_dict()
 

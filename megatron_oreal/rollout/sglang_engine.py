@@ -473,16 +473,23 @@ class SGLangEngine:
         return results[0 if self.group is None else dist.get_rank(self.group)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.sync(named_tensors, bucket_bytes=self.bucket_bytes, check=self.check_first_sync and not self.synced)
+
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int, check: bool) -> Any:
+        """sync_weights through SGLangIPCTransport (the runtime calls this too): CPU tensors as shared-memory
+        files on a CPU server, and a failed sync closes the server's weight-update session. Returns the
+        SyncMetrics."""
         from megatron_oreal.sync import SGLangIPCTransport, sync_weights
 
         with cpu_tensor_sharing(self.device):
             try:
-                sync_weights(named_tensors, SGLangIPCTransport(self), fp8=self.fp8, bucket_bytes=self.bucket_bytes,
-                             check=self.check_first_sync and not self.synced)
+                metrics = sync_weights(named_tensors, SGLangIPCTransport(self), fp8=self.fp8,
+                                       bucket_bytes=bucket_bytes, check=check)
             except BaseException:
                 self.abort_weight_sync()
                 raise
         self.synced, self.needs_resync = True, False  # on every rank: the next check decision must agree
+        return metrics
 
     def release_memory(self) -> None:
         def run() -> None:
