@@ -1,4 +1,4 @@
-"""Shared by the `sglang` tier (tests/sglang) and its torchrun workers: the CPU server's settings, the
+"""Shared by the `sglang` tier (tests/sglang_server) and its torchrun workers: the CPU server's settings, the
 rollout config that points SGLangEngine at the CPU SGLang env, prompts, and a tiny policy moved by one step."""
 
 from __future__ import annotations

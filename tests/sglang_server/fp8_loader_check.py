@@ -1,4 +1,4 @@
-"""Run by the CPU SGLang env's python (tests/sglang/test_fp8_loader.py): load our block-FP8 sync payload into
+"""Run by the CPU SGLang env's python (tests/sglang_server/test_fp8_loader.py): load our block-FP8 sync payload into
 the parameters sglang 0.5.21's own Fp8LinearMethod creates for a block-quantised Linear (the layer an FP8
 server loads synced weights into), then dequantise with sglang's block_quant_dequant.
 

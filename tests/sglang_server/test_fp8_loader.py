@@ -30,7 +30,7 @@ def test_fp8_payload_loads_into_sglang_block_fp8_parameters(tmp_path):
     assert sent["model.norm.weight"].dtype == torch.bfloat16 and scale_name("model.norm.weight") not in sent
     layers = {n: {"w": w, "q": sent[n], "s": sent[scale_name(n)]} for n, w in weights.items() if w.dim() == 2}
     torch.save({"config": FP8_QUANT_CONFIG, "layers": layers}, tmp_path / "in.pt")
-    script = REPO / "tests" / "sglang" / "fp8_loader_check.py"
+    script = REPO / "tests" / "sglang_server" / "fp8_loader_check.py"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"SGLANG_USE_CPU_ENGINE": "1"}
     res = subprocess.run([sglang_python(), str(script), str(tmp_path / "in.pt"), str(tmp_path / "out.json")],
                          capture_output=True, text=True, timeout=600, env=env)
