@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench-verifier clean
+.PHONY: venv test test-sglang test-fast demo bench-verifier clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,15 @@ test: venv
 	@start=$$(date +%s); \
 	$(BIN)/python -m pytest tests --durations=20 $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# The `sglang` tier: real SGLang 0.5.21 servers on CPU (tools/sglang_cpu/README.md). The first use builds
+# their environment (~13 min, cached outside the checkout); a build failure fails this target with its reason.
+test-sglang: venv
+	@start=$$(date +%s); \
+	sgpy=$$($(BIN)/python tools/sglang_cpu/build_env.py) || { echo "test-sglang: FAILED: the CPU SGLang environment could not be built (reason above)"; exit 1; }; \
+	echo "test-sglang: env ready after $$(( $$(date +%s) - start )) s: $$sgpy"; \
+	MEGATRON_OREAL_SGLANG_PYTHON=$$sgpy $(BIN)/python -m pytest tests -m sglang --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	echo "sglang tier wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)

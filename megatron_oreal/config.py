@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,16 @@ class RolloutConfig:
     fp8: bool = False  # block-quantise Linear weights for an FP8 SGLang engine
     max_restarts: int = 3
     check_weights_after_first_sync: bool = False
+    # The SGLang server (rollout.engine=sglang): the interpreter it runs under ("" = this one; the CPU test
+    # tier points it at tools/sglang_cpu's env), its device (cpu = CPU_SERVER_FLAGS of
+    # rollout/sglang_engine.py), extra launch flags (appended last: they override ours), and
+    # --enable-deterministic-inference, without which SGLang ignores the per-sample seeds (0.5.21 refuses
+    # it on CPU, where only torch_native attention runs).
+    sglang_python: str = ""
+    sglang_device: str = "cuda"
+    sglang_server_args: list[str] = field(default_factory=list)
+    sglang_deterministic: bool = True
+    sglang_launch_timeout_s: float = 900.0
     # Ask the engine for its per-token log-probs and log rollout/logprob_abs_diff_mean, _diff_max and
     # _k3_kl against Megatron's (train_step.py); diagnostics only, the loss never uses them.
     log_logprob_mismatch: bool = True
@@ -201,6 +212,7 @@ class RunConfig:
 # Allowed values for string fields; checked after loading so a typo fails before any model is built.
 CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.engine": ("cpu", "sglang"),
+    "rollout.sglang_device": ("cuda", "cpu"),
     "algo.advantage": ("rloo", "grpo", "reinforce"),
     "algo.selection": ("one_pair", "all"),
     "algo.positive_loss": ("bc", "pg"),
@@ -408,6 +420,17 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
             raise ConfigError(f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must equal "
                               f"parallel.tensor ({cfg.parallel.tensor}) with rollout.engine=sglang: each engine "
                               "is co-located with one tensor-parallel group")
+        r = cfg.rollout
+        if r.sglang_python and not os.access(r.sglang_python, os.X_OK):
+            raise ConfigError(f"rollout.sglang_python: {r.sglang_python!r} is not an executable file")
+        if r.sglang_device == "cpu" and r.sglang_deterministic:
+            raise ConfigError("rollout.sglang_deterministic: sglang 0.5.21 refuses --enable-deterministic-inference "
+                              "with torch_native attention, the only backend on CPU; set it to false with "
+                              "rollout.sglang_device=cpu (samples are then not reproducible)")
+        if r.sglang_device == "cpu" and r.fp8:
+            raise ConfigError("rollout.fp8: the FP8 SGLang engine needs rollout.sglang_device=cuda")
+        if r.sglang_launch_timeout_s <= 0:
+            raise ConfigError(f"rollout.sglang_launch_timeout_s: must be > 0, got {r.sglang_launch_timeout_s}")
         if cfg.rollout.tensor_parallel_size > 8:
             raise ConfigError(f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} > 8; an engine "
                               "must fit on one node's NVLink domain")

@@ -219,14 +219,22 @@ class Run:
         from megatron_oreal.rollout import build_engine
 
         cfg = self.cfg
-        self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+        self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout,
+                                   **self._engine_extra())
         self.verifier = Verifier(workers=cfg.reward.workers, timeout=cfg.reward.timeout_s,
                                  llm_judge=_llm_judge(cfg.reward), strict_hedging=cfg.reward.strict_hedging)
+
+    def _engine_extra(self) -> dict:
+        """The SGLang server's log goes into the run folder (one file per engine leader, appended across
+        restarts and resumes)."""
+        if self.cfg.rollout.engine != "sglang":
+            return {}
+        return {"log_path": str(self.run_dir / f"sglang_server_rank{self.rank}.log")}
 
     def sync_weights(self) -> dict[str, float]:
         """Policy (Megatron shards) -> HF tensors -> the engine. Collective."""
         from megatron_oreal.checkpoint.gather import iter_hf_tensors
-        from megatron_oreal.sync import InProcessTransport, SGLangIPCTransport, sync_weights
+        from megatron_oreal.sync import InProcessTransport, sync_weights
 
         cfg = self.cfg.rollout
         if torch.cuda.is_available():  # hand the activations' cached blocks back before the engine resumes
@@ -244,18 +252,26 @@ class Run:
             for _ in source:  # take part in the collectives; the tensors land on the engine's ranks
                 pass
             return {}
+        transport_kw: dict = {}
         if per_rank:
             from megatron_oreal.mcore import parallel
 
-            transport = SGLangIPCTransport(self.engine, group=parallel.tp_group(gloo=True),
-                                           leader_rank=min(parallel.tp_ranks()))
-        elif cfg.engine == "sglang":
-            transport = SGLangIPCTransport(self.engine)
-        else:
-            transport = InProcessTransport(self.engine)
+            transport_kw = {"group": parallel.tp_group(gloo=True), "leader_rank": min(parallel.tp_ranks())}
         flat = ((name, t) for bucket in source for name, t in bucket)
         check = cfg.check_weights_after_first_sync and not self.synced_once
-        metrics = sync_weights(flat, transport, fp8=cfg.fp8, bucket_bytes=bucket_bytes, check=check)
+        if cfg.engine == "sglang" and self.engine is not None:
+            # SGLangIPCTransport plus what a real server needs (rollout/sglang_engine.py)
+            metrics = self.engine.sync(flat, bucket_bytes=bucket_bytes, check=check, **transport_kw)
+        elif cfg.engine == "sglang":  # a per-rank sender without an engine: it only hands its buffers over
+            from megatron_oreal.rollout.sglang_engine import cpu_tensor_sharing
+            from megatron_oreal.sync import SGLangIPCTransport
+
+            with cpu_tensor_sharing(cfg.sglang_device):
+                metrics = sync_weights(flat, SGLangIPCTransport(None, **transport_kw), fp8=cfg.fp8,
+                                       bucket_bytes=bucket_bytes, check=check)
+        else:
+            metrics = sync_weights(flat, InProcessTransport(self.engine), fp8=cfg.fp8, bucket_bytes=bucket_bytes,
+                                   check=check)
         self.synced_once = True
         return metrics.as_dict() if self.comm.is_engine_rank else {}
 
@@ -296,7 +312,8 @@ class Run:
 
             cfg = self.cfg
             with shield_children():
-                self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout)
+                self.engine = build_engine(cfg.rollout.engine, cfg.policy.hf_path, self.tokenizer, cfg.rollout,
+                                           **self._engine_extra())
         with self.offload.resident("policy_params"):  # the new engine starts from the HF files: give it
             self.sync_weights()                       # the trained weights
 

@@ -15,17 +15,29 @@ API used, sglang==0.5.21 (the newest release built against torch 2.13.0; 0.5.22+
                  parallel.py:25-51 (nccl_port, tp_size), device.py:28,47 (base_gpu_id, random_seed),
                  schedule.py:27 (mem_fraction_static), exec_.py:55 (enable_memory_saver),
                  exec_.py:1010 (enable_deterministic_inference), serving.py:58-66 (skip_tokenizer_init, host, port)
-  /health        srt/entrypoints/http_server.py:699-777 (200 once the server is up)
+  /health        srt/entrypoints/http_server.py:699-777: generates one token (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION
+                 defaults to on, srt/environ.py:347), so it is asked only at start-up; a possibly-released
+                 engine is probed with /model_info (liveness: tokenizer manager only, :790) and /ready
+                 (readiness: up and not paused, :692-696)
   /generate      http_server.py:910-962 + managers/io_struct.py GenerateReqInput; sampling dict keys are
                  srt/sampling/sampling_params.py:114-154 (top_k=-1 = off, sampling_seed); the reply per
                  request is {output_ids, meta_info: {finish_reason: {type: stop|length|abort, matched}}}
                  (managers/tokenizer_manager.py:2371-2378, managers/schedule_batch.py:270-331)
-  /update_weights_from_tensor   http_server.py:1378-1397, io_struct.py:1926-1946
+  /update_weights_from_tensor   http_server.py:1378-1397, io_struct.py:1926-1946; refused outside a session:
+  /begin_weight_update, /end_weight_update   http_server.py:1400-1427, managers/scheduler_components/
+                 weight_updater.py:217-226 (update outside a session), 290-316 (a second begin is refused)
   /release_memory_occupation, /resume_memory_occupation   http_server.py:1517-1538, tags per
                  managers/scheduler_components/weight_updater.py:318-395 (resuming an unreleased tag is a KeyError)
   /pause_generation, /continue_generation   http_server.py:1740-1764, io_struct.py:1826-1854
   /flush_cache   http_server.py:987-1002 (400 while requests run)
   /weights_checker  http_server.py:1540-1560, srt/utils/weight_checker.py:109-200 (snapshot/reset_tensors/compare)
+
+On a CPU-only machine (`rollout.sglang_device=cpu`, the `sglang` test tier, tools/sglang_cpu/README.md) the
+server runs with the CPU flags of `CPU_SERVER_FLAGS` from the interpreter `rollout.sglang_python`.
+Per-sample `sampling_seed` is honoured only with `--enable-deterministic-inference` (sampling_batch_info.py:
+143-158: without it the seeds are dropped); `rollout.sglang_deterministic` (default on) passes it. 0.5.21
+refuses it with the torch_native attention backend, the only one that runs on CPU (arg_groups/overrides.py:
+1039-1044), so on CPU it must be off and SGLang samples are not reproducible there.
 """
 
 from __future__ import annotations
@@ -47,6 +59,12 @@ import torch.distributed as dist
 
 from megatron_oreal.rollout.engine import GenOutput, SamplingParams
 
+# The server on a CPU-only machine (reference: tools/sglang_cpu/README.md): no CUDA graphs, no overlap
+# scheduler, torch-native attention and sampling. --enable-memory-saver cannot work there (its LD_PRELOAD
+# needs libcuda), so release/resume run SGLang's code path but free nothing.
+CPU_SERVER_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+                    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+                    "--disable-overlap-schedule")
 # Released between phases. cuda_graph too: its pools are sizeable and SGLang releases all three
 # when asked for no tags (weight_updater.py:326-327), as slime does (peer_systems.md §1.1).
 RELEASE_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -158,12 +176,35 @@ class SGLangClient:
         except json.JSONDecodeError:
             return body.decode(errors="replace")
 
-    def healthy(self, timeout: float = 5.0) -> bool:
+    def _ok(self, path: str, timeout: float) -> bool:
         try:
-            self.request("/health", method="GET", timeout=timeout)
+            self.request(path, method="GET", timeout=timeout)
             return True
         except (SGLangError, OSError):
             return False
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        """Start-up only: 0.5.21's /health runs a one-token generation, which a released engine cannot."""
+        return self._ok("/health", timeout)
+
+    def live(self, timeout: float = 5.0) -> bool:
+        """The HTTP server and tokenizer manager answer (touches no model memory: safe when released)."""
+        return self._ok("/model_info", timeout)
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Up and not paused: new requests would be served."""
+        return self._ok("/ready", timeout)
+
+    def begin_weight_update(self) -> None:
+        self._expect_success("/begin_weight_update", {})
+
+    def end_weight_update(self) -> None:
+        self._expect_success("/end_weight_update", {})
+
+    def _expect_success(self, path: str, payload: Any) -> None:
+        reply = self.request(path, payload)
+        if not (isinstance(reply, dict) and reply.get("success")):
+            raise SGLangError(f"{path}: {reply!r}")
 
     def generate(self, body: dict) -> Any:
         return self.request("/generate", body)
@@ -205,16 +246,36 @@ class SGLangClient:
 
 def server_command(model_path: str, *, tp_size: int, base_gpu_id: int, port: int, nccl_port: int,
                    mem_fraction_static: float, dtype: str = "bfloat16", seed: int = 0, fp8: bool = False,
-                   extra_args: Iterable[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+                   extra_args: Iterable[str] = (), python: str = "", device: str = "cuda",
+                   deterministic: bool = False) -> list[str]:
+    """`extra_args` come last, so they override ours (argparse keeps the last value)."""
+    cmd = [python or sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
            "--host", "127.0.0.1", "--port", str(port), "--nccl-port", str(nccl_port),
-           "--tp-size", str(tp_size), "--base-gpu-id", str(base_gpu_id),
-           "--mem-fraction-static", str(mem_fraction_static), "--dtype", dtype, "--random-seed", str(seed),
-           "--enable-memory-saver",  # makes release/resume_memory_occupation work (exec_.py:55-58)
+           "--tp-size", str(tp_size), "--dtype", dtype, "--random-seed", str(seed),
            "--skip-tokenizer-init"]  # token ids in and out; the trainer owns the tokenizer
+    if device == "cpu":
+        cmd += list(CPU_SERVER_FLAGS)
+    else:
+        cmd += ["--base-gpu-id", str(base_gpu_id), "--mem-fraction-static", str(mem_fraction_static),
+                "--enable-memory-saver"]  # makes release/resume_memory_occupation work (exec_.py:55-58)
+    if deterministic:  # per-sample sampling_seed is ignored without it (module docstring)
+        cmd += ["--enable-deterministic-inference"]
     if fp8:
         cmd += ["--json-model-override-args", json.dumps({"quantization_config": FP8_QUANT_CONFIG}), "--load-format", "dummy"]
     return cmd + list(extra_args)
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    """A preexec_fn that makes the server get SIGKILL when the thread that started it (the trainer's main
+    thread) dies, even by SIGKILL: it lives in its own session, so nothing else would end it (SGLang's own
+    subprocesses follow their launcher). prctl is resolved here, in the parent: the child between fork and
+    exec must not import anything (another thread may hold the import lock)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class SGLangServer:
@@ -229,8 +290,12 @@ class SGLangServer:
 
     def start(self) -> None:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=self.env)
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=self.env, preexec_fn=_death_signal_setter())
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the child holds its own copy
         self.launches += 1
         deadline = time.monotonic() + self.launch_timeout_s
         while time.monotonic() < deadline:
@@ -268,13 +333,15 @@ class SGLangEngine:
 
     `group`: gloo group of this engine's ranks (None when the engine has one rank), `leader_rank`:
     its first global rank. `command` overrides the launch command (tests start a fake server).
+    `url`: attach to a server that is already running (launched and owned by someone else: never
+    restarted or stopped here; the `sglang` test tier shares one server between tests and processes).
     """
 
     def __init__(self, model_or_hf_dir: Any, tokenizer: Any = None, rollout_cfg: Any = None, *,
                  group: Any = None, leader_rank: int = 0, port: int | None = None, gpu_id: int | None = None,
-                 dtype: str = "bfloat16", seed: int = 0, extra_args: Iterable[str] = (),
-                 command: list[str] | None = None, log_path: str | None = None, launch_timeout_s: float = 900.0,
-                 request_timeout_s: float = 3600.0) -> None:
+                 dtype: str | None = None, seed: int = 0, extra_args: Iterable[str] = (),
+                 command: list[str] | None = None, log_path: str | None = None, launch_timeout_s: float | None = None,
+                 request_timeout_s: float = 3600.0, url: str | None = None) -> None:
         if not isinstance(model_or_hf_dir, (str, Path)):
             raise TypeError(f"SGLangEngine needs an HF checkpoint folder, got {type(model_or_hf_dir).__name__}")
         self.tokenizer = tokenizer
@@ -283,6 +350,10 @@ class SGLangEngine:
         self.max_restarts = getattr(rollout_cfg, "max_restarts", 3)
         self.bucket_bytes = getattr(rollout_cfg, "sync_bucket_mb", 512) << 20
         self.check_first_sync = getattr(rollout_cfg, "check_weights_after_first_sync", False)
+        self.device = getattr(rollout_cfg, "sglang_device", "cuda")
+        if launch_timeout_s is None:
+            launch_timeout_s = getattr(rollout_cfg, "sglang_launch_timeout_s", 900.0)
+        self.session_open = False  # a /begin_weight_update not yet closed by /end_weight_update
         self.group, self.leader_rank = group, leader_rank
         self.is_leader = group is None or dist.get_rank() == leader_rank
         # group None with tp_size > 1 is a leader-only engine: one trainer rank drives a server that
@@ -297,17 +368,30 @@ class SGLangEngine:
         self.server: SGLangServer | None = None
         self.client: SGLangClient | None = None
         error = None
-        if self.is_leader:
+        if self.is_leader and url:
+            self.client = SGLangClient(url, timeout_s=request_timeout_s)
+        elif self.is_leader:
             try:
                 port = port or free_port()
                 if gpu_id is None:
                     gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else 0
+                extra = list(getattr(rollout_cfg, "sglang_server_args", ()) or ()) + list(extra_args)
                 cmd = command or server_command(
                     str(model_or_hf_dir), tp_size=self.tp_size, base_gpu_id=gpu_id, port=port,
                     nccl_port=free_port(), mem_fraction_static=getattr(rollout_cfg, "mem_fraction_static", 0.6),
-                    dtype=dtype, seed=seed, fp8=self.fp8, extra_args=extra_args)
+                    # float32 on CPU: what the CPU engine and the trainer compute in there
+                    dtype=dtype or ("float32" if self.device == "cpu" else "bfloat16"), seed=seed,
+                    fp8=self.fp8, extra_args=extra, python=getattr(rollout_cfg, "sglang_python", ""),
+                    device=self.device, deterministic=getattr(rollout_cfg, "sglang_deterministic", False))
+                env = server_env(os.environ)
+                if self.device == "cpu":  # SGLang's CPU code paths (sglang/srt/utils: is_cpu)
+                    env["SGLANG_USE_CPU_ENGINE"] = "1"
+                    bind = cpu_threads_bind(self.tp_size)
+                    if bind and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+                        env["SGLANG_CPU_OMP_THREADS_BIND"] = bind
                 self.client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=request_timeout_s)
-                self.server = SGLangServer(cmd, self.client, launch_timeout_s=launch_timeout_s, log_path=log_path)
+                self.server = SGLangServer(cmd, self.client, launch_timeout_s=launch_timeout_s, log_path=log_path,
+                                           env=env)
                 self.server.start()
                 if self.check_first_sync:
                     if self.fp8:
@@ -349,8 +433,8 @@ class SGLangEngine:
         try:
             return fn()
         except (SGLangError, OSError):
-            if self.server is not None and self.server.alive() and self.client.healthy():
-                raise  # the server is fine: the request itself failed
+            if self.server is None or (self.server.alive() and self.client.live()):
+                raise  # the server is fine (or not ours to restart): the request itself failed
             self.restart()
             if needs_synced_weights and self.needs_resync:
                 raise EngineRestarted("the SGLang server died and was restarted; re-sync the weights") from None
@@ -363,6 +447,7 @@ class SGLangEngine:
         self.server.stop()
         self.server.start()
         self.released.clear()
+        self.session_open = False
         self.needs_resync = self.synced
         if self.check_first_sync and not self.synced:
             self.client.weights_checker("snapshot")  # the first sync's check compares with this server
@@ -388,11 +473,24 @@ class SGLangEngine:
         return results[0 if self.group is None else dist.get_rank(self.group)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.sync(named_tensors, bucket_bytes=self.bucket_bytes, check=self.check_first_sync and not self.synced)
+
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int, check: bool,
+             **transport_kw: Any) -> Any:
+        """sync_weights through SGLangIPCTransport (the runtime calls this too): CPU tensors as shared-memory
+        files on a CPU server, and a failed sync closes the server's weight-update session. Returns the
+        SyncMetrics. `transport_kw` (group, leader_rank) makes it a per-TP-rank sync (sync/transport.py)."""
         from megatron_oreal.sync import SGLangIPCTransport, sync_weights
 
-        sync_weights(named_tensors, SGLangIPCTransport(self), fp8=self.fp8, bucket_bytes=self.bucket_bytes,
-                     check=self.check_first_sync and not self.synced)
+        with cpu_tensor_sharing(self.device):
+            try:
+                metrics = sync_weights(named_tensors, SGLangIPCTransport(self, **transport_kw), fp8=self.fp8,
+                                       bucket_bytes=bucket_bytes, check=check)
+            except BaseException:
+                self.abort_weight_sync()
+                raise
         self.synced, self.needs_resync = True, False  # on every rank: the next check decision must agree
+        return metrics
 
     def release_memory(self) -> None:
         def run() -> None:
@@ -413,7 +511,9 @@ class SGLangEngine:
         self._leader_call("SGLang resume_memory_occupation", run)
 
     def health(self) -> bool:
-        ok = self.is_leader and self.server is not None and self.server.alive() and self.client.healthy()
+        """Liveness while released (a /health probe would generate), readiness otherwise. Collective."""
+        ok = self.is_leader and (self.server is None or self.server.alive()) and (
+            self.client.live() if self.released else self.client.ready())
         return bool(self._share(ok))
 
     def close(self) -> None:
@@ -434,18 +534,38 @@ class SGLangEngine:
         self.client.flush_cache()
         if check:  # scramble, so that only what the sync writes can match the start-up snapshot
             self.client.weights_checker("reset_tensors")
+        # 0.5.21 loads tensors only inside a session (weight_updater.py:217-226)
+        self.client.begin_weight_update()
+        self.session_open = True
 
     def update_weights_from_tensor(self, payloads: list[str]) -> None:
         self.client.update_weights_from_tensor(payloads, flush_cache=False)
 
     def end_weight_sync(self) -> None:
+        self.client.end_weight_update()
+        self.session_open = False
         self.client.flush_cache()  # cached prefixes were computed with the old weights
-        self.client.continue_generation()
+        # Memory first, then requests: continuing with the KV cache (or CUDA graphs) still released
+        # would let the scheduler run into freed pools.
         rest = [t for t in RELEASE_TAGS if t in self.released]
         if rest:
             self.client.resume_memory_occupation(rest)
             self.released.difference_update(rest)
+        self.client.continue_generation()
         self.synced, self.needs_resync = True, False
+
+    def abort_weight_sync(self) -> None:
+        """After a failed sync (any rank; no collectives here): close the session so that the next
+        sync can open one, and refuse to generate until a sync completes (the weights are a mix)."""
+        self.needs_resync = True
+        if not self.is_leader or (self.server is not None and not self.server.alive()):
+            return
+        try:
+            if self.session_open:
+                self.client.end_weight_update()
+                self.session_open = False
+        except (SGLangError, OSError) as exc:
+            print(f"SGLang: closing the weight-update session after a failed sync: {exc}", file=sys.stderr)
 
     def compare_weights_with_snapshot(self) -> list[str]:
         try:
@@ -453,6 +573,58 @@ class SGLangEngine:
         except SGLangError as exc:
             return [str(exc)]
         return []
+
+
+# torchrun's variables, inherited by the trainer: a server that sees TORCHELASTIC_USE_AGENT_STORE joins
+# torch's rendezvous as a client of the *trainer's* agent store at its own --nccl-port, where nobody
+# listens, and hangs in init_process_group (seen on CPU: py-spy in rendezvous.py _create_c10d_store).
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
+
+
+def server_env(environ: dict) -> dict:
+    """The trainer's environment minus torchrun's rendezvous variables: the server is its own job."""
+    return {k: v for k, v in environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+
+
+def cpu_threads_bind(tp_size: int, cores: Iterable[int] | None = None) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for a CPU server with tp_size ranks: our cores split into tp_size
+    contiguous ranges ("0-3|4-7"). Without it 0.5.21 allows one rank per NUMA node only
+    (srt/utils/numa_utils.py:449-462), so TP=2 on a one-node machine needs it. "" for TP=1 or when the
+    cores do not split evenly into contiguous ranges (SGLang then says what to set)."""
+    if tp_size <= 1:
+        return ""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(cores) < tp_size or len(cores) % tp_size:
+        return ""
+    k, parts = len(cores) // tp_size, []
+    for i in range(tp_size):
+        chunk = cores[i * k:(i + 1) * k]
+        if chunk[-1] - chunk[0] != k - 1:
+            return ""
+        parts.append(str(chunk[0]) if k == 1 else f"{chunk[0]}-{chunk[-1]}")
+    return "|".join(parts)
+
+
+class cpu_tensor_sharing:
+    """On a CPU server, tensors cross as shared-memory files: torch's default fd strategy would need
+    the server to share our multiprocessing authkey. CUDA tensors travel as IPC handles either way."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.old = device, None
+
+    def __enter__(self) -> None:
+        if self.device == "cpu":
+            import torch.multiprocessing as tmp
+
+            self.old = tmp.get_sharing_strategy()
+            tmp.set_sharing_strategy("file_system")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            import torch.multiprocessing as tmp
+
+            tmp.set_sharing_strategy(self.old)
 
 
 def make_engine_group(tp_size: int) -> tuple[Any, int]:

@@ -181,3 +181,17 @@ def test_collective_timeout_is_configurable_and_positive():
     assert load_config(None, ["parallel.timeout_minutes=5"]).parallel.timeout_minutes == 5
     with pytest.raises(ConfigError, match=r"parallel\.timeout_minutes: must be in \[1, inf\), got 0"):
         load_config(None, ["parallel.timeout_minutes=0"])
+
+
+def test_sglang_server_keys_are_validated(tmp_path):
+    base = ["rollout.engine=sglang", "rollout.sglang_device=cpu", "rollout.sglang_deterministic=false"]
+    cfg = load_config(None, base + ['rollout.sglang_server_args=["--context-length", "128"]'])
+    assert cfg.rollout.sglang_server_args == ["--context-length", "128"] and cfg.rollout.sglang_python == ""
+    with pytest.raises(ConfigError, match="rollout.sglang_device: 'tpu' is not one of"):
+        load_config(None, ["rollout.engine=sglang", "rollout.sglang_device=tpu"])
+    with pytest.raises(ConfigError, match="rollout.sglang_deterministic: .*torch_native"):
+        load_config(None, ["rollout.engine=sglang", "rollout.sglang_device=cpu"])
+    with pytest.raises(ConfigError, match="rollout.sglang_python: .*not an executable"):
+        load_config(None, base + [f"rollout.sglang_python={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="rollout.fp8: .*sglang_device=cuda"):
+        load_config(None, base + ["rollout.fp8=true"])

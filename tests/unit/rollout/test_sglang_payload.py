@@ -60,6 +60,7 @@ def _fake_update(body: dict) -> dict:
 
 def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
     released: set[str] = set()
+    session = {"open": False}  # sglang 0.5.21's weight-update session (weight_updater.py:217-316)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
@@ -74,7 +75,12 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
             self.wfile.write(data)
 
         def do_GET(self):
-            self._reply(200, None) if self.path == "/health" else self._reply(404, {"error": self.path})
+            if self.path in ("/health", "/model_info", "/ready"):
+                with open(log_path + ".get", "a") as f:  # probes: kept apart from the POST choreography
+                    f.write(json.dumps({"path": self.path}) + "\n")
+                self._reply(200, None)
+            else:
+                self._reply(404, {"error": self.path})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
@@ -92,6 +98,21 @@ def serve(port: int, log_path: str, state_dir: str, decode: bool) -> None:
                         os._exit(3)  # die mid-request, as a crashed scheduler would
                 reply = _fake_generate(body)
                 entry["n"] = len(body["input_ids"])
+            elif self.path == "/update_weights_from_tensor" and not session["open"]:
+                # 0.5.21 answers success=False with HTTP 400 (http_server.py:1378-1397)
+                code, reply = 400, {"success": False, "message": "update_weights_from_tensor must run between "
+                                    "begin_weight_update() and end_weight_update()"}
+            elif self.path in ("/begin_weight_update", "/end_weight_update"):
+                want = self.path == "/end_weight_update"  # end needs an open session, begin a closed one
+                if session["open"] != want:
+                    code, reply = 400, {"success": False, "message": "session already open" if not want
+                                        else "no weight-update session is open"}
+                else:
+                    session["open"] = not want
+                    reply = {"success": True, "message": "Success"}
+            elif self.path == "/update_weights_from_tensor" and os.path.exists(os.path.join(state_dir, "fail_update")):
+                os.remove(os.path.join(state_dir, "fail_update"))  # one failed load, as a bad tensor would give
+                code, reply = 400, {"success": False, "message": "fake load failure"}
             elif self.path == "/update_weights_from_tensor":
                 entry["load_format"], entry["flush_cache"] = body["load_format"], body["flush_cache"]
                 # decoding imports torch (seconds on a loaded machine): only where a test reads it
@@ -179,6 +200,39 @@ def test_generate_request_maps_our_sampling_params():
     assert greedy["sampling_params"][0]["top_k"] == 5 and greedy["sampling_params"][0]["stop_token_ids"] is None
 
 
+def test_server_command_per_device():
+    from megatron_oreal.rollout.sglang_engine import CPU_SERVER_FLAGS, server_command
+
+    kw = dict(tp_size=2, base_gpu_id=4, port=1, nccl_port=2, mem_fraction_static=0.5, seed=3)
+    gpu = server_command("/m", **kw, deterministic=True)
+    assert gpu[1:3] == ["-m", "sglang.launch_server"] and "--enable-memory-saver" in gpu
+    assert gpu[gpu.index("--base-gpu-id") + 1] == "4" and "--enable-deterministic-inference" in gpu
+    assert not set(CPU_SERVER_FLAGS) & {"--device", "--attention-backend"} & set(gpu)
+    cpu = server_command("/m", **kw, python="/env/bin/python", device="cpu", dtype="float32",
+                         extra_args=["--context-length", "128"])
+    assert cpu[0] == "/env/bin/python" and cpu[-2:] == ["--context-length", "128"]  # extra args last: they override
+    assert cpu[cpu.index("--device") + 1] == "cpu" and cpu[cpu.index("--attention-backend") + 1] == "torch_native"
+    assert "--enable-memory-saver" not in cpu and "--base-gpu-id" not in cpu  # needs libcuda / a GPU
+    assert "--enable-deterministic-inference" not in cpu and cpu[cpu.index("--dtype") + 1] == "float32"
+
+
+def test_server_env_drops_torchruns_rendezvous_variables():
+    from megatron_oreal.rollout.sglang_engine import server_env
+
+    env = server_env({"MASTER_PORT": "1", "RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True", "PATH": "/bin",
+                      "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+
+
+def test_cpu_threads_bind_splits_our_cores_per_tp_rank():
+    from megatron_oreal.rollout.sglang_engine import cpu_threads_bind
+
+    assert cpu_threads_bind(2, [0, 1]) == "0|1"  # what TP=2 on this 2-core machine ran with
+    assert cpu_threads_bind(2, range(8)) == "0-3|4-7"
+    assert cpu_threads_bind(1, [0, 1]) == "" and cpu_threads_bind(2, [0, 1, 2]) == ""
+    assert cpu_threads_bind(2, [0, 2, 4, 5]) == ""  # not contiguous: left to SGLang's own message
+
+
 def test_parse_generate_response():
     from megatron_oreal.rollout.engine import SamplingParams
     from megatron_oreal.rollout.sglang_engine import SGLangError, parse_generate_response
@@ -228,9 +282,11 @@ def test_engine_against_fake_server(fake_engine):
     eng.update_weights(weights.items())
     paths = [e["path"] for e in _log(log)]
     sync = paths[paths.index("/release_memory_occupation"):]
+    # the updates inside a session; the KV cache and CUDA graphs back before generation continues
     assert sync == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/flush_cache",
-                    "/update_weights_from_tensor", "/update_weights_from_tensor", "/update_weights_from_tensor",
-                    "/flush_cache", "/continue_generation", "/resume_memory_occupation"]
+                    "/begin_weight_update", "/update_weights_from_tensor", "/update_weights_from_tensor",
+                    "/update_weights_from_tensor", "/end_weight_update", "/flush_cache", "/resume_memory_occupation",
+                    "/continue_generation"]
     entries = _log(log)
     tags = [e["tags"] for e in entries if "tags" in e]
     assert tags == [["weights", "kv_cache", "cuda_graph"], ["weights"], ["kv_cache", "cuda_graph"]]
@@ -246,6 +302,50 @@ def test_engine_against_fake_server(fake_engine):
     before = len(_log(log))
     eng.resume_memory()
     assert len(_log(log)) == before
+
+
+def test_fake_server_refuses_updates_outside_a_session(fake_engine):
+    """Like sglang 0.5.21: an update, an end or a second begin out of turn is a 400 with success=False."""
+    from megatron_oreal.rollout.sglang_engine import SGLangError
+
+    eng, log = fake_engine()
+    c = eng.client
+    with pytest.raises(SGLangError, match="HTTP 400.*must run between begin_weight_update"):
+        c.update_weights_from_tensor(["x"])
+    with pytest.raises(SGLangError, match="HTTP 400.*no weight-update session"):
+        c.end_weight_update()
+    c.begin_weight_update()
+    with pytest.raises(SGLangError, match="HTTP 400.*already open"):
+        c.begin_weight_update()
+    c.end_weight_update()
+
+
+def test_failed_sync_closes_the_session_and_the_next_sync_works(fake_engine, tmp_path):
+    import torch
+
+    from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.sglang_engine import EngineRestarted
+
+    eng, log = fake_engine()
+    open(tmp_path / "fail_update", "w").close()
+    with pytest.raises(RuntimeError, match="fake load failure"):
+        eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert not eng.session_open and eng.needs_resync
+    assert [e["path"] for e in _log(log)][-3:] == ["/begin_weight_update", "/update_weights_from_tensor",
+                                                  "/end_weight_update"]
+    with pytest.raises(EngineRestarted, match="stale"):  # half-loaded weights are never sampled from
+        eng.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))
+    eng.update_weights([("model.norm.weight", torch.ones(4))])
+    assert eng.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))[0][0].finish_reason == "length"
+
+
+def test_health_probes_never_generate_on_a_released_engine(fake_engine):
+    eng, log = fake_engine()
+    open(log + ".get", "w").close()  # forget the start-up /health
+    assert eng.health()
+    eng.release_memory()
+    assert eng.health()
+    assert [e["path"] for e in _log(log + ".get")] == ["/ready", "/model_info"]
 
 
 def test_restart_on_death_and_stale_weights(fake_engine):
@@ -293,6 +393,37 @@ def test_weight_check_choreography(fake_engine):
     eng.update_weights([("model.norm.weight", torch.ones(4))])  # only the first sync is checked
     actions = [e["action"] for e in _log(log) if e["path"] == "/weights_checker"]
     assert actions == ["snapshot", "reset_tensors", "compare"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_process_dies_with_a_killed_trainer(tmp_path):
+    import subprocess
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    trainer = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+sys.path.insert(0, {repo!r})
+from megatron_oreal.rollout.sglang_engine import _death_signal_setter
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
+                     preexec_fn=_death_signal_setter())
+print(p.pid, flush=True)
+time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True)
+    server_pid = int(trainer.stdout.readline())
+    trainer.kill()  # SIGKILL: no cleanup code runs in the trainer
+    trainer.wait()
+    for _ in range(100):
+        try:
+            os.kill(server_pid, 0)
+            if open(f"/proc/{server_pid}/stat").read().split(")")[1].split()[0] == "Z":
+                break  # dead, waiting to be reaped by init
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the server outlived its trainer")
 
 
 def test_startup_failure_names_the_log(tmp_path):
