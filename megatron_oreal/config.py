@@ -31,7 +31,9 @@ class DataConfig:
     prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
     prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or a format string with {prompt}
-    difficulty_balance: bool = False  # repeat prompts by offline pass_rate (OREAL.md §4.1)
+    # Repeat prompts by offline pass_rate 6/4/4/2x, drop >= 0.8, as the reference 7B recipe does (OREAL.md §4.1);
+    # a file without any pass_rate field is used as is, with a warning.
+    difficulty_balance: bool = True
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
     seed: int = 0
 
