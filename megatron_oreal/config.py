@@ -83,6 +83,9 @@ class AlgoConfig:
     negative_loss_factor: float = 0.5  # eta
     kl_coef: float = 0.01
     kl_type: str = "k3"  # k3 | k1 | mse
+    # Denominator of the KL term: "all" = every response token N (the reference code since 2859cc0);
+    # "negative" = the negative tokens N- (the reference before it, so most likely the paper's runs).
+    kl_normalizer: str = "all"
     token_weighting: str = "threshold"  # threshold | topk | none
     correct_threshold: float = 0.5
     incorrect_threshold: float = 0.5
@@ -193,6 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.selection": ("one_pair", "all"),
     "algo.positive_loss": ("bc", "pg"),
     "algo.kl_type": ("k3", "k1", "mse"),
+    "algo.kl_normalizer": ("all", "negative"),
     "algo.token_weighting": ("threshold", "topk", "none"),
     "policy.dtype": ("fp32", "bf16"),
     "policy.fp8": ("", "blockwise", "tensorwise"),

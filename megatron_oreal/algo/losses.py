@@ -62,13 +62,14 @@ def policy_loss(
 
     logp, ref_logp, w_pos, w_neg: [T] per response token; advantages [S] float, is_positive [S] bool.
     cfg: the AlgoConfig section (positive_loss, positive_loss_factor, pos_mult_adv, negative_loss_factor,
-    kl_coef, kl_type).
+    kl_coef, kl_type, kl_normalizer).
 
     positive_loss="bc" (OREAL, [T:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
     positive_loss="pg" (ablations): both sets take the REINFORCE form −Σ ρ·A·ω / N with one shared
       denominator N, so with α = η = 1 and ω = 1 the loss is one plain per-token REINFORCE mean.
     Negative ([T:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
-    KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike.
+    KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike; / N⁻ with
+      cfg.kl_normalizer="negative" (the reference before commit 2859cc0).
     """
     cu = check_cu_seqlens(cu_seqlens, logp.numel()).to(logp.device)
     num_seqs = cu.numel() - 1
@@ -116,7 +117,14 @@ def policy_loss(
     loss = pos_loss + neg_loss
     if ref_logp is not None and cfg.kl_coef != 0.0:
         kl = kl_penalty(logp, ref_logp.float().detach(), cfg.kl_type)
-        kl_loss = cfg.kl_coef * kl.sum() / _denominator(n_all, "N")
+        # algo.kl_normalizer: N (reference HEAD) or N⁻ (reference before 2859cc0, the paper era)
+        if cfg.kl_normalizer == "negative":
+            kl_den = _denominator(n_neg, "N-")
+        elif cfg.kl_normalizer == "all":
+            kl_den = _denominator(n_all, "N")
+        else:
+            raise ValueError(f"algo.kl_normalizer: unknown {cfg.kl_normalizer!r} (known: ['all', 'negative'])")
+        kl_loss = cfg.kl_coef * kl.sum() / kl_den
         loss = loss + kl_loss
         metrics["loss/kl"] = kl_loss.detach()
         metrics["sum/kl"] = kl.detach().sum()
