@@ -61,7 +61,7 @@ class RolloutConfig:
     max_restarts: int = 3
     check_weights_after_first_sync: bool = False
     # Ask the engine for its per-token log-probs and log rollout/logprob_abs_diff_mean, _diff_max and
-    # _k3_kl against Megatron's (train_step.py); diagnostics only, the loss never uses them.
+    # _k3_kl against Megatron's (train_step.py); the loss uses them only with algo.rollout_correction=tis.
     log_logprob_mismatch: bool = True
 
 
@@ -86,6 +86,12 @@ class AlgoConfig:
     # Denominator of the KL term: "all" = every response token N (the reference code since 2859cc0);
     # "negative" = the negative tokens N- (the reference before it, so most likely the paper's runs).
     kl_normalizer: str = "all"
+    # Rollout/train mismatch correction (algo/rollout_correction.py): "tis" weights each token's L+/L- term
+    # by clamp(pi_train/pi_engine, tis_clip_low, tis_clip); "auto" = tis with an FP8 engine
+    # (rollout.fp8), none with BF16 (resolved when the config is loaded).
+    rollout_correction: str = "auto"
+    tis_clip: float = 2.0
+    tis_clip_low: float = 0.0
     token_weighting: str = "threshold"  # threshold | topk | none
     correct_threshold: float = 0.5
     incorrect_threshold: float = 0.5
@@ -197,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.positive_loss": ("bc", "pg"),
     "algo.kl_type": ("k3", "k1", "mse"),
     "algo.kl_normalizer": ("all", "negative"),
+    "algo.rollout_correction": ("auto", "none", "tis"),
     "algo.token_weighting": ("threshold", "topk", "none"),
     "policy.dtype": ("fp32", "bf16"),
     "policy.fp8": ("", "blockwise", "tensorwise"),
@@ -329,6 +336,11 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
     for name, optim in (("policy.optim", cfg.policy.optim), ("token_rm.optim", cfg.token_rm.optim)):
         if optim.warmup_steps >= cfg.steps:
             raise ConfigError(f"{name}.warmup_steps ({optim.warmup_steps}) must be smaller than steps ({cfg.steps})")
+    if not 0.0 <= cfg.algo.tis_clip_low < cfg.algo.tis_clip:
+        raise ConfigError(f"algo.tis_clip_low/algo.tis_clip: need 0 <= tis_clip_low < tis_clip, got "
+                          f"{cfg.algo.tis_clip_low}, {cfg.algo.tis_clip}")
+    if cfg.algo.rollout_correction == "auto":  # FP8 rollouts drift from the BF16 trainer; BF16 ones barely
+        cfg.algo.rollout_correction = "tis" if cfg.rollout.fp8 else "none"
     if cfg.algo.token_weighting != "none" and not cfg.token_rm.enabled:
         raise ConfigError("algo.token_weighting needs token_rm.enabled=true (or set it to 'none')")
     return cfg

@@ -197,7 +197,9 @@ class Run:
         from megatron_oreal.rollout.engine import SamplingParams
 
         params = SamplingParams.from_config(self.cfg.rollout.sampling, default_stop_ids=self.stop_ids)
-        params = dataclasses.replace(params, return_logprobs=self.cfg.rollout.log_logprob_mismatch)
+        # the engine's log-probs: logged against Megatron's, and the weights of algo.rollout_correction=tis
+        params = dataclasses.replace(params, return_logprobs=self.cfg.rollout.log_logprob_mismatch
+                                     or self.cfg.algo.rollout_correction == "tis")
         return params.with_seed(self.cfg.rollout.sampling.seed * 1_000_003 + step)
 
     # ------------------------------------------------------------------ evaluation

@@ -57,6 +57,7 @@ def policy_loss(
     n_neg: float | Tensor,
     n_all: float | Tensor,
     cfg: Any,
+    is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L⁺ + L⁻ + L^KL for one packed micro-batch.
 
@@ -67,6 +68,8 @@ def policy_loss(
     positive_loss="bc" (OREAL, [T:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
     positive_loss="pg" (ablations): both sets take the REINFORCE form −Σ ρ·A·ω / N with one shared
       denominator N, so with α = η = 1 and ω = 1 the loss is one plain per-token REINFORCE mean.
+    is_weight: optional [T] rollout-correction weights (algo/rollout_correction.py), multiplying every
+      token's L⁺ and L⁻ term like ω does; None = 1 (on-policy). The KL term is not weighted.
     Negative ([T:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
     KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike; / N⁻ with
       cfg.kl_normalizer="negative" (the reference before commit 2859cc0).
@@ -78,7 +81,7 @@ def policy_loss(
             f"advantages/is_positive: expected [{num_seqs}] (one per sequence), "
             f"got {tuple(advantages.shape)} / {tuple(is_positive.shape)}"
         )
-    for name, t in (("ref_logp", ref_logp), ("w_pos", w_pos), ("w_neg", w_neg)):
+    for name, t in (("ref_logp", ref_logp), ("w_pos", w_pos), ("w_neg", w_neg), ("is_weight", is_weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match logp {tuple(logp.shape)}")
     if cfg.positive_loss not in POSITIVE_LOSSES:
@@ -91,17 +94,20 @@ def policy_loss(
     neg_tok = ~pos_tok
     w_pos, w_neg = w_pos.detach().to(logp), w_neg.detach().to(logp)
     ratio = torch.exp(logp - logp.detach())  # ≡ 1: one optimiser step per rollout batch, old = current
+    # the loss's weights: ω times the rollout correction (metrics below count ω alone)
+    lw_pos, lw_neg = (w_pos, w_neg) if is_weight is None else (w_pos * is_weight.detach().to(logp),
+                                                                w_neg * is_weight.detach().to(logp))
 
     if cfg.positive_loss == "bc":
         scale = adv_tok if cfg.pos_mult_adv else torch.ones_like(adv_tok)
-        pos_sum = (scale * w_pos * -logp)[pos_tok].sum()
+        pos_sum = (scale * lw_pos * -logp)[pos_tok].sum()
         pos_loss = cfg.positive_loss_factor * pos_sum / _denominator(n_pos, "N+")
         neg_den = _denominator(n_neg, "N-")
     else:
-        pos_sum = -(ratio * adv_tok * w_pos)[pos_tok].sum()
+        pos_sum = -(ratio * adv_tok * lw_pos)[pos_tok].sum()
         pos_loss = cfg.positive_loss_factor * pos_sum / _denominator(n_all, "N")
         neg_den = _denominator(n_all, "N")
-    neg_sum = -(ratio * adv_tok * w_neg)[neg_tok].sum()
+    neg_sum = -(ratio * adv_tok * lw_neg)[neg_tok].sum()
     neg_loss = cfg.negative_loss_factor * neg_sum / neg_den
 
     metrics: dict[str, Tensor] = {

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_oreal.algo.losses import policy_loss, rm_loss
+from megatron_oreal.algo.rollout_correction import tis_weights
 from megatron_oreal.algo.token_weights import token_weights
 from megatron_oreal.config import AlgoConfig, OptimConfig
 from megatron_oreal.mcore import optim
@@ -45,6 +46,7 @@ RM_KEYS = ("loss/token_rm", "sum/rm_correct", "sum/rm_logit")
 # Train/rollout log-prob mismatch (rollout.log_logprob_mismatch; peer_systems.md §6), over the tokens
 # whose sequences carry the sampler's log-probs.
 MISMATCH_KEYS = ("sum/lp_abs_diff", "sum/lp_k3", "tokens/lp_compared")
+TIS_KEYS = ("sum/tis_ratio", "sum/tis_weight", "tokens/tis_clipped")  # algo.rollout_correction=tis
 
 
 def _reduce_metrics(outputs: list[dict], keys: tuple[str, ...], layout) -> dict[str, float]:
@@ -181,16 +183,25 @@ class OrealTrainer:
 
         train_actor = step >= self.algo.actor_freeze_steps
         compare = bool(batch.sequences) and all(s.rollout_logprobs is not None for s in batch.sequences)
+        # load_config resolves "auto" from rollout.fp8; a bare AlgoConfig knows no engine: on-policy
+        tis = self.algo.rollout_correction == "tis"
+        if tis and batch.sequences and not compare:
+            raise ValueError("algo.rollout_correction=tis needs the engine's log-probs on every sequence "
+                             "(the engine returned none for some)")
         diff_max = [0.0]
 
         def post(idx, mb, output):
             logp = response_values(token_logprobs(output, mb.labels, self.vocab_size), mb)
             w_pos, w_neg = weights.get(idx) or (torch.ones_like(logp), torch.ones_like(logp))
+            rollout_lp = _rollout_logprobs(batch, mb).to(logp.device) if compare else None
+            is_weight, tis_sums = (tis_weights(logp.detach(), rollout_lp, self.algo.tis_clip, self.algo.tis_clip_low)
+                                   if tis else (None, {}))
             loss, out = policy_loss(logp, ref.get(idx), mb.resp_cu_seqlens, mb.advantages, mb.is_positive,
                                     w_pos.to(logp.device), w_neg.to(logp.device),
-                                    counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo)
+                                    counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo, is_weight)
+            out.update(tis_sums)
             if compare:  # the very log-probs the loss uses vs the sampler's, same tokens
-                sums, mx = logprob_mismatch(logp.detach(), _rollout_logprobs(batch, mb))
+                sums, mx = logprob_mismatch(logp.detach(), rollout_lp)
                 out.update(sums)
                 diff_max[0] = max(diff_max[0], mx)
             return loss, out
@@ -200,7 +211,8 @@ class OrealTrainer:
         optim.zero_grads(self.policy, self.policy_opt)
         outputs = run_schedule(self.policy, mbs, post, forward_only=not train_actor, loss_scale=self.layout.dp)
         updated, grad_norm = optim.optimizer_step(self.policy_opt) if train_actor else (False, 0.0)
-        pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()), self.layout)
+        pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()) + (TIS_KEYS if tis else ()),
+                             self.layout)
         n_all, n_pos, n_neg = max(counts["n_all"], 1.0), max(counts["n_pos"], 1.0), max(counts["n_neg"], 1.0)
         metrics.update({
             "loss/positive": pm["loss/positive"],
@@ -226,6 +238,11 @@ class OrealTrainer:
             metrics.update({"rollout/logprob_abs_diff_mean": pm["sum/lp_abs_diff"] / n_lp,
                             "rollout/logprob_diff_max": _reduce_max(diff_max[0], self.layout),
                             "rollout/logprob_k3_kl": pm["sum/lp_k3"] / n_lp})
+        if tis:  # algo/rollout_correction.py: mean raw ratio, mean weight used, share of tokens truncated
+            n_lp = max(pm["tokens/lp_compared"], 1.0)
+            metrics.update({"rollout_corr/ratio_mean": pm["sum/tis_ratio"] / n_lp,
+                            "rollout_corr/weight_mean": pm["sum/tis_weight"] / n_lp,
+                            "rollout_corr/clipped_frac": pm["tokens/tis_clipped"] / n_lp})
         return metrics
 
 
