@@ -143,6 +143,9 @@ def test_ablation_presets_are_valid_config_overrides():
         for key, value in ABLATIONS[name].items():
             assert getattr(cfg.algo, key) == value, (name, key)
     assert ABLATIONS["oreal"] == {k: getattr(AlgoConfig(), k) for k in ABLATIONS["oreal"]}  # full OREAL = defaults
+    # The authors: the "+ reward shaping" row is GRPO-style shaping applied to all samples (docs/algorithm.md §6.2)
+    assert ABLATIONS["reward_shaping"] == ABLATIONS["grpo"]
+    assert ABLATIONS["reward_shaping"]["advantage"] == "grpo" and ABLATIONS["reward_shaping"]["selection"] == "all"
 
 
 def test_kl_normalizer_all_vs_negative_by_hand():
