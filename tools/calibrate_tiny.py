@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megatron_oreal.data import arith  # noqa: E402
+from megatron_oreal.data import arith, credit  # noqa: E402
 from megatron_oreal.data.char_tokenizer import build_tokenizer  # noqa: E402
 
 EVAL_SEED = 0  # the held-out eval set is fixed: the first N held-out problems of seed 0
 MAX_NEW = 28  # longest reference response is 23 chars + EOS (nops=2, digits=2)
-SPEC = arith.ArithSpec()  # set from --digits/--muldigits/--nops in main()
+SPEC = arith.ArithSpec()  # set from --task/--digits/--muldigits/--nops in main()
+TASK = arith  # the task module (data/arith.py or data/credit.py: the same interface)
 
 
 # ---------------------------------------------------------------- model + data
@@ -113,7 +114,7 @@ def reward(tok, response: list[int], question: str) -> float:
     """+1 iff the response stopped (EOS) and its last \\boxed{} equals the gold answer exactly."""
     if not response or response[-1] != tok.eos_token_id:
         return -1.0
-    return 1.0 if arith.boxed_answer(tok.decode(response[:-1])) == arith.gold_answer(question) else -1.0
+    return 1.0 if TASK.boxed_answer(tok.decode(response[:-1])) == TASK.gold_answer(question) else -1.0
 
 
 def evaluate(model, tok, problems: list[str], bs: int = 500) -> dict:
@@ -125,10 +126,10 @@ def evaluate(model, tok, problems: list[str], bs: int = 500) -> dict:
         for q, r in zip(qs, generate(model, tok, qs, greedy=True)):
             c = reward(tok, r, q) > 0
             ok += c
-            if arith.has_negative_step(q):
+            if TASK.has_negative_step(q):
                 neg_n += 1
                 neg_ok += c
-                dropped += arith.boxed_answer(tok.decode(r)) == arith.solve_states(q, drop_sign=True)[-1]
+                dropped += TASK.boxed_answer(tok.decode(r)) == signdrop_answer(q)
     n = len(problems)
     return {"pass1": ok / n, "neg_pass1": neg_ok / max(neg_n, 1), "pos_pass1": (ok - neg_ok) / max(n - neg_n, 1),
             "neg_signdrop": dropped / max(neg_n, 1), "n": n, "n_neg": neg_n}
@@ -139,16 +140,23 @@ def fmt_eval(e: dict) -> str:
             f"neg sign-dropped {100 * e['neg_signdrop']:.1f}%; n={e['n']}, n_neg={e['n_neg']})")
 
 
+def signdrop_answer(q: str) -> str:
+    """The answer the teacher's systematic error gives on a sub-type problem."""
+    if TASK is arith:
+        return arith.solve_states(q, drop_sign=True)[-1]
+    return TASK.signdrop_answer(q)
+
+
 def heldout(n: int) -> list[str]:
-    return arith.make_problems(n, EVAL_SEED, "heldout", SPEC)
+    return TASK.make_problems(n, EVAL_SEED, "heldout", SPEC)
 
 
 def train_stream(seed: int):
     """Endless train-split problems (may repeat; the held-out hash class never appears)."""
     rng = random.Random(f"stream:{seed}")
     while True:
-        p = arith.random_problem(rng, SPEC)
-        if not arith.is_held_out(p):
+        p = TASK.random_problem(rng, SPEC)
+        if not TASK.is_held_out(p):
             yield p
 
 
@@ -158,7 +166,11 @@ def train_stream(seed: int):
 def cmd_sft(a) -> None:
     torch.set_num_threads(a.threads)
     tok = build_tokenizer()
-    model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, a.seed)
+    if a.from_model:  # continue from a trained model (the credit task starts from the tiny model)
+        model = load_model(a.from_model)[0]
+        torch.manual_seed(a.seed)
+    else:
+        model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, a.seed)
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = 100
@@ -171,7 +183,7 @@ def cmd_sft(a) -> None:
         model.train()
         qs = [next(stream) for _ in range(a.batch)]
         ps = [prompt_ids(tok, q) for q in qs]
-        rs = [tok(arith.teacher_solution(q, trng, a.sign_error_rate)[0])["input_ids"] + [tok.eos_token_id]
+        rs = [tok(TASK.teacher_solution(q, trng, a.sign_error_rate)[0])["input_ids"] + [tok.eos_token_id]
               for q in qs]
         lp, mask = response_logps(model, ps, rs, tok.pad_token_id)
         loss = -lp.sum() / mask.sum()
@@ -186,7 +198,7 @@ def cmd_sft(a) -> None:
             tok.save_pretrained(str(out))
             (out / "calibration.json").write_text(json.dumps({
                 "sft_steps": step, "sft_schedule_steps": a.steps, "sft_lr": a.lr, "batch": a.batch,
-                "seed": a.seed, "sign_error_rate": a.sign_error_rate, "spec": SPEC.__dict__,
+                "seed": a.seed, "task": a.task, "from_model": a.from_model, "sign_error_rate": a.sign_error_rate, "spec": SPEC.__dict__,
                 "heldout_eval": e}, indent=1))
 
 
@@ -199,7 +211,7 @@ def cmd_eval(a) -> None:
         torch.manual_seed(a.seed)
         qs = heldout(a.eval_n)[:256]
         hits = torch.zeros(len(qs))
-        neg = torch.tensor([arith.has_negative_step(q) for q in qs])
+        neg = torch.tensor([TASK.has_negative_step(q) for q in qs])
         for _ in range(a.pass_k):
             rs = generate(model, tok, qs, greedy=False)
             hits += torch.tensor([reward(tok, r, q) > 0 for q, r in zip(qs, rs)]).float()
@@ -210,11 +222,11 @@ def cmd_eval(a) -> None:
 def cmd_data(a) -> None:
     out = Path(a.out)
     rng = random.Random(f"teacher:{a.seed}")
-    train = arith.make_problems(a.n_train, a.seed, "train", SPEC)
-    print("prompts_train", arith.write_prompts_jsonl(out / "prompts_train.jsonl", train))
-    print("prompts_heldout", arith.write_prompts_jsonl(out / "prompts_heldout.jsonl", heldout(a.eval_n)))
-    sft = [(q, arith.teacher_solution(q, rng, a.sign_error_rate)[0]) for q in train]
-    print("sft", arith.write_sft_jsonl(out / "sft.jsonl", sft))
+    train = TASK.make_problems(a.n_train, a.seed, "train", SPEC)
+    print("prompts_train", TASK.write_prompts_jsonl(out / "prompts_train.jsonl", train))
+    print("prompts_heldout", TASK.write_prompts_jsonl(out / "prompts_heldout.jsonl", heldout(a.eval_n)))
+    sft = [(q, TASK.teacher_solution(q, rng, a.sign_error_rate)[0]) for q in train]
+    print("sft", TASK.write_sft_jsonl(out / "sft.jsonl", sft))
 
 
 # ---------------------------------------------------------------- RL (OREAL.md §2, §3, §8)
@@ -364,11 +376,14 @@ def main(argv=None) -> int:
         p.add_argument("--digits", type=int, default=2)
         p.add_argument("--muldigits", type=int, default=1)
         p.add_argument("--nops", type=int, default=2)
+        p.add_argument("--task", choices=("arith", "credit"), default="arith",
+                       help="credit: the credit-assignment task (data/credit.py; --digits/--nops unused)")
     s = sub.choices["sft"]
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--eval-every", type=int, default=500)
+    s.add_argument("--from-model", default="", help="start from this HF model instead of a random one")
     sub.choices["eval"].add_argument("--pass-k", type=int, default=0)
     sub.choices["data"].add_argument("--n-train", type=int, default=20000)
     r = sub.choices["rl"]
@@ -388,8 +403,11 @@ def main(argv=None) -> int:
     r.add_argument("--log-every", type=int, default=5)
     r.add_argument("--save", default="")
     a = ap.parse_args(argv)
-    global SPEC
-    SPEC = arith.ArithSpec(digits=a.digits, muldigits=a.muldigits, nops=a.nops)
+    global SPEC, TASK, MAX_NEW
+    if a.task == "credit":  # longest credit solution: 50 characters + EOS
+        SPEC, TASK, MAX_NEW = credit.CreditSpec(), credit, 56
+    else:
+        SPEC = arith.ArithSpec(digits=a.digits, muldigits=a.muldigits, nops=a.nops)
     {"sft": cmd_sft, "rl": cmd_rl, "eval": cmd_eval, "data": cmd_data}[a.cmd](a)
     return 0
 
