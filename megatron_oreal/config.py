@@ -2,7 +2,7 @@
 
 Every stage receives only its own section. Unknown keys, wrong types and bad values fail here,
 before any model is built, with the file and the dotted key in the message (and a did-you-mean).
-Defaults are the OREAL-7B recipe (OREAL.md §4.3) unless a field says otherwise.
+Defaults are the OREAL-7B recipe (docs/algorithm.md §4.3) unless a field says otherwise.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ class DataConfig:
     eval_file: str = ""  # JSONL held-out set for greedy pass@1 ("" = none)
     prompt_key: str = "question"  # also tried: problem, prompt
     answer_key: str = "gold_answer"  # also tried: answer
-    prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
+    prompts_per_step: int = 64  # docs/algorithm.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
     prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or a format string with {prompt}
-    # Repeat prompts by offline pass_rate 6/4/4/2x, drop >= 0.8, as the reference 7B recipe does (OREAL.md §4.1);
+    # Repeat prompts by offline pass_rate 6/4/4/2x, drop >= 0.8, as the reference 7B recipe does (docs/algorithm.md §4.1);
     # a file without any pass_rate field is used as is, with a warning.
     difficulty_balance: bool = True
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
@@ -154,7 +154,7 @@ class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0 = only start and end)
     max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
     batch_size: int = 64
-    keep_best: bool = True  # export the best-scoring policy to RUN_DIR/best_hf (OREAL.md §4.2 step 9)
+    keep_best: bool = True  # export the best-scoring policy to RUN_DIR/best_hf (docs/algorithm.md §4.2 step 9)
 
 
 @dataclass

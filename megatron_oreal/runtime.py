@@ -88,7 +88,7 @@ class Run:
 
         t0 = time.time()
         kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)
-        if cfg.policy.recompute:  # full activation recompute, as the reference runs (OREAL.md §7)
+        if cfg.policy.recompute:  # full activation recompute, as the reference runs (docs/algorithm.md §7)
             kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         policy = build_policy(self.hf_config, layout, **kw)
         load_hf_weights(policy, cfg.policy.hf_path, layout)

@@ -23,7 +23,7 @@ class Sample:
     response_ids: list[int]  # sampled tokens; the stop token is included when it was generated
     finish_reason: str  # "stop" | "length"
     text: str = ""  # decoded response (what the verifier reads)
-    reward: float = 0.0  # +1 correct / -1 incorrect (OREAL.md §2.2)
+    reward: float = 0.0  # +1 correct / -1 incorrect (docs/algorithm.md §2.2)
     reason: str = ""  # the verifier's reason: correct / wrong / no_answer / truncated / timeout / error
     advantage: float = 0.0  # group-level advantage, computed over all K samples
     # [R] sampler log-probs of response_ids (rollout.log_logprob_mismatch); diagnostics only, never

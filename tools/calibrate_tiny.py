@@ -229,11 +229,11 @@ def cmd_data(a) -> None:
     print("sft", TASK.write_sft_jsonl(out / "sft.jsonl", sft))
 
 
-# ---------------------------------------------------------------- RL (OREAL.md §2, §3, §8)
+# ---------------------------------------------------------------- RL (docs/algorithm.md §2, §3, §8)
 
 
 def lr_factor(s: int, warmup: int, total: int, min_ratio: float) -> float:
-    """OREAL.md §4.3: linear warm-up for `warmup` steps, then cosine to min_ratio at `total`."""
+    """docs/algorithm.md §4.3: linear warm-up for `warmup` steps, then cosine to min_ratio at `total`."""
     if s < warmup:
         return (s + 1) / warmup
     t = min((s - warmup) / max(total - warmup, 1), 1.0)
@@ -241,7 +241,7 @@ def lr_factor(s: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def select_pairs(R: torch.Tensor, rng: random.Random) -> list[int]:
-    """OREAL.md §4.2 step 5: per mixed prompt, one random correct and one random incorrect sample."""
+    """docs/algorithm.md §4.2 step 5: per mixed prompt, one random correct and one random incorrect sample."""
     keep = []
     P, K = R.shape
     for j in range(P):
@@ -253,7 +253,7 @@ def select_pairs(R: torch.Tensor, rng: random.Random) -> list[int]:
 
 
 def oreal_losses(lp, ref_lp, mask, adv, is_pos, w=None, eta=0.5, beta=0.01):
-    """OREAL.md §2.3-2.6 with global per-set token denominators; w = RM logits [M, R] or None (ω=1)."""
+    """docs/algorithm.md §2.3-2.6 with global per-set token denominators; w = RM logits [M, R] or None (ω=1)."""
     m = mask.float()
     if w is None:
         wp = wn = torch.ones_like(m)
@@ -263,7 +263,7 @@ def oreal_losses(lp, ref_lp, mask, adv, is_pos, w=None, eta=0.5, beta=0.01):
     n_pos, n_neg = m[is_pos].sum().clamp(min=1), m[~is_pos].sum().clamp(min=1)
     a = adv[:, None]
     pos = (a * wp * -lp * m)[is_pos].sum() / n_pos
-    ratio = torch.exp(lp - lp.detach())  # = 1, gradient ∇logπ ([T:L814-824])
+    ratio = torch.exp(lp - lp.detach())  # = 1, gradient ∇logπ ([docs/algorithm.md, train_oreal.py:L814-824])
     neg = -eta * (ratio * a * wn * m)[~is_pos].sum() / n_neg
     d = ref_lp - lp
     kl = beta * ((torch.exp(d) - d - 1) * m).sum() / m.sum()
@@ -279,13 +279,13 @@ def cmd_rl(a) -> None:
     ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.01)
     rm = head = opt_rm = None
-    if a.token_rm:  # OREAL.md §3: full backbone copy + zero-initialised H->1 head
+    if a.token_rm:  # docs/algorithm.md §3: full backbone copy + zero-initialised H->1 head
         rm, _ = load_model(a.init)
         head = torch.nn.Linear(rm.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(head.weight)
         opt_rm = torch.optim.AdamW(list(rm.model.parameters()) + list(head.parameters()), lr=a.rm_lr,
                                    weight_decay=0.01)
-    if a.oreal_schedule:  # OREAL.md §4.3: the actor's schedule runs through the frozen steps
+    if a.oreal_schedule:  # docs/algorithm.md §4.3: the actor's schedule runs through the frozen steps
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.warmup, a.steps, a.min_lr_ratio))
     else:  # the actor's warm-up starts at its first update, so a fresh AdamW never starts at full lr
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(max(s - a.freeze, 0), a.warmup,
@@ -304,7 +304,7 @@ def cmd_rl(a) -> None:
         policy.eval()
         rs = generate(policy, tok, [q for q in qs for _ in range(a.k)], greedy=False)
         R = torch.tensor([reward(tok, r, qs[i // a.k]) for i, r in enumerate(rs)]).view(a.prompts, a.k)
-        A = (R - (R.sum(1, keepdim=True) - R) / (a.k - 1)).flatten()  # RLOO, OREAL.md §2.2
+        A = (R - (R.sum(1, keepdim=True) - R) / (a.k - 1)).flatten()  # RLOO, docs/algorithm.md §2.2
         keep = select_pairs(R, rng)
         t_gen = time.time() - t0
         info = {"reward": (R > 0).float().mean().item(), "mixed": len(keep) // 2,
@@ -322,7 +322,7 @@ def cmd_rl(a) -> None:
                 h, _ = response_logps(rm, ps, ys, tok.pad_token_id, hidden=True)
                 w = head(h).squeeze(-1)  # [M, R] RM logit at the position predicting each token
                 z = (w * mask).sum(1) / mask.sum(1)
-                rm_loss = F.binary_cross_entropy_with_logits(z, is_pos.float())  # OREAL.md §3, Eq 12
+                rm_loss = F.binary_cross_entropy_with_logits(z, is_pos.float())  # docs/algorithm.md §3, Eq 12
                 info["rm_loss"] = rm_loss.item()
                 info["rm_acc"] = ((z > 0) == is_pos).float().mean().item()
             pos, neg, kl = oreal_losses(lp, ref_lp, mask, adv, is_pos, w, a.eta, a.beta)
@@ -331,7 +331,7 @@ def cmd_rl(a) -> None:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if rm is not None:  # weights above were computed before this update (OREAL.md §3)
+            if rm is not None:  # weights above were computed before this update (docs/algorithm.md §3)
                 rm_loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(rm.model.parameters()) + [head.weight], 1.0)
                 opt_rm.step()

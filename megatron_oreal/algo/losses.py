@@ -1,4 +1,4 @@
-"""OREAL loss terms on the packed response-token layout (OREAL.md §2.3-2.6, §3; [T:L770-840]).
+"""OREAL loss terms on the packed response-token layout (docs/algorithm.md §2.3-2.6, §3; [train_oreal.py:L770-840]).
 
 Inputs are local (one micro-batch); the global counts N⁺, N⁻, N (tokens) and M (sequences) over the
 whole step on all DP ranks are arguments, so the sum over micro-batches and ranks of these losses is the
@@ -24,7 +24,7 @@ POSITIVE_LOSSES = ("bc", "pg")
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL estimate with δ = log π_ref − log π_θ (OREAL.md §2.5, [T:L826-840]).
+    """Per-token KL estimate with δ = log π_ref − log π_θ (docs/algorithm.md §2.5, [train_oreal.py:L826-840]).
 
     k3 ("unbias"): exp(δ) − δ − 1 (≥ 0; gradient wrt logp is 1 − exp(δ)); k1 ("kl"): δ; mse: δ²/2.
     """
@@ -65,13 +65,13 @@ def policy_loss(
     cfg: the AlgoConfig section (positive_loss, positive_loss_factor, pos_mult_adv, negative_loss_factor,
     kl_coef, kl_type, kl_normalizer).
 
-    positive_loss="bc" (OREAL, [T:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
+    positive_loss="bc" (OREAL, [docs/algorithm.md, train_oreal.py:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
     positive_loss="pg" (ablations): both sets take the REINFORCE form −Σ ρ·A·ω / N with one shared
       denominator N, so with α = η = 1 and ω = 1 the loss is one plain per-token REINFORCE mean.
     is_weight: optional [T] rollout-correction weights (algo/rollout_correction.py), multiplying every
       token's L⁺ and L⁻ term like ω does; None = 1 (on-policy). The KL term is not weighted.
-    Negative ([T:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
-    KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike; / N⁻ with
+    Negative ([docs/algorithm.md, train_oreal.py:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
+    KL ([docs/algorithm.md, train_oreal.py:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike; / N⁻ with
       cfg.kl_normalizer="negative" (the reference before commit 2859cc0).
     """
     cu = check_cu_seqlens(cu_seqlens, logp.numel()).to(logp.device)
@@ -117,7 +117,7 @@ def policy_loss(
         "tokens/negative": neg_tok.sum().float(),
         "tokens/w_pos_nonzero": (pos_tok & (w_pos > 0)).sum().float(),
         "tokens/w_neg_nonzero": (neg_tok & (w_neg > 0)).sum().float(),
-        "sum/neg_logp": -logp.detach().sum(),  # entropy estimate = sum / N (OREAL.md §11 avg_gen_entropy)
+        "sum/neg_logp": -logp.detach().sum(),  # entropy estimate = sum / N (docs/algorithm.md §11 avg_gen_entropy)
         "sum/advantage_tokens": adv_tok.detach().sum(),
     }
     loss = pos_loss + neg_loss
@@ -141,7 +141,7 @@ def policy_loss(
 
 
 def rm_loss(scores: Tensor, cu_seqlens: Tensor, rewards_positive: Tensor, m_global: float | Tensor) -> tuple[Tensor, dict]:
-    """Token-RM loss: Σ_i BCEWithLogits(mean_t w_{i,t}, y_i) / M, fp32 (OREAL.md §3, [P Eq 12], [T:L775-781]).
+    """Token-RM loss: Σ_i BCEWithLogits(mean_t w_{i,t}, y_i) / M, fp32 (docs/algorithm.md §3, [P Eq 12], [train_oreal.py:L775-781]).
 
     Sequence-level BCE on the mean token logit, y_i = int(max(r_i, 0)) = 1 for positives.
     """

@@ -26,7 +26,7 @@ ANSWER_KEYS = ("gold_answer", "answer")
 META_KEYS = ("subject", "level", "pass_rate", "id", "unique_id")
 ANSWER_FORMATS = ("auto", "plain", "gsm8k")
 
-# OREAL.md §4.1 / [C7] data_difficulty_balance_cfg: half-open pass-rate ranges -> repeats.
+# docs/algorithm.md §4.1 / [C7] data_difficulty_balance_cfg: half-open pass-rate ranges -> repeats.
 # A pass rate in none of them (>= 0.8) drops the prompt, as the reference's loop does.
 DIFFICULTY_REPEATS: tuple[tuple[tuple[float, float], int], ...] = (
     ((0.0, 0.2), 6),

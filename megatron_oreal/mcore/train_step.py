@@ -1,4 +1,4 @@
-"""One OREAL training step on Megatron-Core: token-RM update, then policy update (OREAL.md §4.2 step 7-8).
+"""One OREAL training step on Megatron-Core: token-RM update, then policy update (docs/algorithm.md §4.2 step 7-8).
 
     trainer = OrealTrainer(policy, token_rm, ReferenceWeights(policy), layout, cfg.algo,
                            cfg.policy.optim, cfg.token_rm.optim, total_steps=cfg.steps)
@@ -8,7 +8,7 @@ Per step (identical TrainBatch on every rank; each DP rank trains its balanced s
  1. global counts N⁺, N⁻, N, M: all-reduced over DP only (not TP/PP: those ranks hold the same data);
  2. token RM: forward + backward of the sequence BCE (Σ/M), one AdamW step. The token weights ω⁺/ω⁻
     for the policy come from the scores of this same forward, i.e. from the RM *before* its update
-    ([P Alg 1] lines 10-12, OREAL.md §3 "Update schedule");
+    ([P Alg 1] lines 10-12, docs/algorithm.md §3 "Update schedule");
  3. reference log-probs: the initial weights swapped into the policy, forward only (skipped if β = 0);
  4. policy: L⁺ + L⁻ + L^KL (algo/losses.py), one AdamW step; skipped (forward only, for the metrics)
     while step < actor_freeze_steps. Both LRs follow algo/schedule.py at every step regardless.
@@ -259,7 +259,7 @@ def logprob_mismatch(train_logp: Tensor, rollout_logp: Tensor) -> tuple[dict[str
     """Sums over tokens of |Δ| and of the k3 estimate, and max |Δ|, with Δ = log π_train − log π_rollout.
 
     k3 = exp(Δ) − Δ − 1 ≥ 0 is the unbiased low-variance estimator of KL(π_rollout ‖ π_train) from
-    samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, OREAL.md §2.5),
+    samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, docs/algorithm.md §2.5),
     what slime/verl log as the train-inference mismatch (peer_systems.md §6). Both inputs are [T] fp32.
     """
     delta = train_logp.float() - rollout_logp.to(train_logp.device).float()

@@ -1,4 +1,4 @@
-"""Token weights, losses and the LR schedule against OREAL.md §8.1 items 3-9 and §4.3."""
+"""Token weights, losses and the LR schedule against docs/algorithm.md §8.1 items 3-9 and §4.3."""
 
 import math
 from dataclasses import replace

@@ -83,7 +83,7 @@ def test_difficulty_balancing_counts():
     out = balance_difficulty(prompts)
     counts = {p.uid: sum(q.uid.split("#")[0] == p.uid for q in out) for p in prompts}
     assert [q.uid for q in out[:7]] == ["p0", "p0#2", "p0#3", "p0#4", "p0#5", "p0#6", "p1"]  # distinct uids
-    # OREAL.md §4.1: [0,.2) 6x, [.2,.4) 4x, [.4,.6) 4x, [.6,.8) 2x, >= .8 dropped; half-open intervals
+    # docs/algorithm.md §4.1: [0,.2) 6x, [.2,.4) 4x, [.4,.6) 4x, [.6,.8) 2x, >= .8 dropped; half-open intervals
     assert list(counts.values()) == [6, 6, 4, 4, 4, 4, 2, 2, 0, 0] and len(out) == 32
     out[0].meta["x"] = 1
     assert "x" not in out[1].meta and "x" not in prompts[0].meta  # copies, not aliases
