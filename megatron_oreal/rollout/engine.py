@@ -1,8 +1,8 @@
 """The rollout-engine protocol: what the trainer asks of any sampler (CPU loop or SGLang).
 
 The protocol is deliberately narrow (DESIGN.md decision 5): token ids in, token ids out, HF-named
-tensors for weight sync. Log-probs returned by an engine are diagnostics only; the loss always uses
-log-probs recomputed by Megatron.
+tensors for weight sync. The loss always uses log-probs recomputed by Megatron; an engine's log-probs
+are logged against them and, with algo.rollout_correction=tis, give truncated importance weights.
 
 Seeds: an engine derives one random stream per (sampling.seed, prompt position in the call, sample
 index), so the outputs of a call do not depend on how the engine splits it into batches. The trainer
