@@ -10,6 +10,12 @@ pre-trained starting model that examples/tiny ships. Design and measured numbers
     python tools/calibrate_tiny.py eval --digits 1 --init runs/tiny_sft [--pass-k 8]
     python tools/calibrate_tiny.py data --digits 1 --out DIR   # prompts_train/heldout.jsonl, sft.jsonl
 
+The credit-assignment task (data/credit.py, examples/credit/README.md) uses the same tool with
+`--task credit`; its starting model is the tiny model fine-tuned on the credit teacher:
+
+    python tools/calibrate_tiny.py sft --task credit --from-model examples/tiny/model --steps 400 --lr 1e-3 \
+        --eval-every 100 --eval-n 500 --threads 1 --seed 0 --out runs/credit_sft
+
 Every number printed comes from the run that prints it.
 """
 
