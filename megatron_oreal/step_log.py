@@ -75,7 +75,8 @@ class StepLog:
         if r.layout.is_main and (step + 1) % max(self.cfg.log.console_every, 1) == 0:
             print(console_line(step + 1, self.cfg.steps, metrics, sum(recent) / len(recent)), flush=True)
         r.writer.write(step + 1, metrics)
-        self._maybe_html(step, groups)
+        if batch.sequences:  # a skipped update left the previous step's weights behind: no page for them
+            self._maybe_html(step, groups)
         return metrics
 
     def _maybe_html(self, step: int, groups: list[Group]) -> None:
