@@ -1,6 +1,7 @@
 """Where does the token RM put its weight on the credit task? Reads a run's token-weight pages.
 
     python tools/credit_rm_share.py RUN_DIR [RUN_DIR ...] [--from-step 10]
+    python tools/credit_rm_share.py --eval RUN_DIR [RUN_DIR ...]   # held-out breakdown at the deciding step
 
 Every `log.html_every` steps the trainer writes RUN_DIR/html/step_N.json: the trained sequences with
 their per-token weights (ω⁻ for incorrect, ω⁺ for correct responses). On the credit task
@@ -86,11 +87,44 @@ def shares(rows: list[tuple[list[float], int, int]], extra: int = 0) -> dict:
     }
 
 
+def deciding_written(response: str) -> int | None:
+    span = credit.deciding_span(response)
+    try:
+        return int(response[span[0]:span[1]]) if span else None
+    except ValueError:
+        return None
+
+
+def breakdown(run_dir: str) -> list[str]:
+    """Markdown rows: greedy pass@1 per evaluation (RUN_DIR/eval/step_N.jsonl), split by sub-type, and
+    on the sub-type how often the deciding value is right and how often its sign was dropped."""
+    rows = []
+    for f in sorted(Path(run_dir, "eval").glob("step_*.jsonl")):
+        ev = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        sub = [r for r in ev if credit.has_negative_step(r["question"])]
+        non = [r for r in ev if not credit.has_negative_step(r["question"])]
+        pct = lambda k, n: f"{100 * k / max(n, 1):.1f}"  # noqa: E731
+        right = sum(deciding_written(r["response"]) == credit.deciding_value(r["question"]) for r in sub)
+        dropped = sum(deciding_written(r["response"]) == -credit.deciding_value(r["question"]) for r in sub)
+        rows.append(f"| {run_dir} | {int(f.stem[5:])} | {pct(sum(r['correct'] for r in ev), len(ev))} | "
+                    f"{pct(sum(r['correct'] for r in non), len(non))} | {pct(sum(r['correct'] for r in sub), len(sub))} | "
+                    f"{pct(right, len(sub))} | {pct(dropped, len(sub))} |")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--from-step", type=int, default=0, help="ignore pages before this step")
+    ap.add_argument("--eval", action="store_true", help="instead: the held-out breakdown at the deciding step")
     a = ap.parse_args()
+    if a.eval:
+        print("| run | step | pass@1 | not sub-type | sub-type right | sub-type: deciding value right | "
+              "sub-type: its sign dropped |")
+        print("|---|---|---|---|---|---|---|")
+        for d in a.run_dirs:
+            print("\n".join(breakdown(d)))
+        return 0
     print("| run | decisive incorrect responses | share of ω⁻ on the deciding value (window +1) | its share of "
           "tokens (window +1) | mean ω⁻ before / on / after |")
     print("|---|---|---|---|---|")
