@@ -2,7 +2,7 @@
 
 Every stage receives only its own section. Unknown keys, wrong types and bad values fail here,
 before any model is built, with the file and the dotted key in the message (and a did-you-mean).
-Defaults are the OREAL-7B recipe (OREAL.md §4.3) unless a field says otherwise.
+Defaults are the OREAL-7B recipe (docs/algorithm.md §4.3) unless a field says otherwise.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ class DataConfig:
     eval_file: str = ""  # JSONL held-out set for greedy pass@1 ("" = none)
     prompt_key: str = "question"  # also tried: problem, prompt
     answer_key: str = "gold_answer"  # also tried: answer
-    prompts_per_step: int = 64  # OREAL.md §4.3: 64 prompts x 16 samples
+    prompts_per_step: int = 64  # docs/algorithm.md §4.3: 64 prompts x 16 samples
     system_prompt: str = "oreal"  # a preset name (see data/templates.py) or the literal text
     prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or a format string with {prompt}
-    difficulty_balance: bool = False  # repeat prompts by offline pass_rate (OREAL.md §4.1)
+    # Repeat prompts by offline pass_rate 6/4/4/2x, drop >= 0.8, as the reference 7B recipe does (docs/algorithm.md §4.1);
+    # a file without any pass_rate field is used as is, with a warning.
+    difficulty_balance: bool = True
     eval_limit: int = 0  # evaluate on the first N rows only (0 = all)
     seed: int = 0
 
@@ -74,7 +76,7 @@ class RolloutConfig:
     sglang_deterministic: bool = True
     sglang_launch_timeout_s: float = 900.0
     # Ask the engine for its per-token log-probs and log rollout/logprob_abs_diff_mean, _diff_max and
-    # _k3_kl against Megatron's (train_step.py); diagnostics only, the loss never uses them.
+    # _k3_kl against Megatron's (train_step.py); the loss uses them only with algo.rollout_correction=tis.
     log_logprob_mismatch: bool = True
 
 
@@ -99,6 +101,15 @@ class AlgoConfig:
     negative_loss_factor: float = 0.5  # eta
     kl_coef: float = 0.01
     kl_type: str = "k3"  # k3 | k1 | mse
+    # Denominator of the KL term: "all" = every response token N (the reference code since 2859cc0);
+    # "negative" = the negative tokens N- (the reference before it, so most likely the paper's runs).
+    kl_normalizer: str = "all"
+    # Rollout/train mismatch correction (algo/rollout_correction.py): "tis" weights each token's L+/L- term
+    # by clamp(pi_train/pi_engine, tis_clip_low, tis_clip); "auto" = tis with an FP8 engine
+    # (rollout.fp8), none with BF16 (resolved when the config is loaded).
+    rollout_correction: str = "auto"
+    tis_clip: float = 2.0
+    tis_clip_low: float = 0.0
     token_weighting: str = "threshold"  # threshold | topk | none
     correct_threshold: float = 0.5
     incorrect_threshold: float = 0.5
@@ -168,7 +179,7 @@ class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0 = only start and end)
     max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
     batch_size: int = 64
-    keep_best: bool = True  # export the best-scoring policy to RUN_DIR/best_hf (OREAL.md §4.2 step 9)
+    keep_best: bool = True  # export the best-scoring policy to RUN_DIR/best_hf (docs/algorithm.md §4.2 step 9)
 
 
 @dataclass
@@ -217,6 +228,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.selection": ("one_pair", "all"),
     "algo.positive_loss": ("bc", "pg"),
     "algo.kl_type": ("k3", "k1", "mse"),
+    "algo.kl_normalizer": ("all", "negative"),
+    "algo.rollout_correction": ("auto", "none", "tis"),
     "algo.token_weighting": ("threshold", "topk", "none"),
     "policy.dtype": ("fp32", "bf16"),
     "policy.fp8": ("", "blockwise", "tensorwise"),
@@ -442,6 +455,11 @@ def validate(cfg: RunConfig, command: str = "train") -> RunConfig:
     for name, optim in (("policy.optim", cfg.policy.optim), ("token_rm.optim", cfg.token_rm.optim)):
         if optim.warmup_steps >= cfg.steps:
             raise ConfigError(f"{name}.warmup_steps ({optim.warmup_steps}) must be smaller than steps ({cfg.steps})")
+    if not 0.0 <= cfg.algo.tis_clip_low < cfg.algo.tis_clip:
+        raise ConfigError(f"algo.tis_clip_low/algo.tis_clip: need 0 <= tis_clip_low < tis_clip, got "
+                          f"{cfg.algo.tis_clip_low}, {cfg.algo.tis_clip}")
+    if cfg.algo.rollout_correction == "auto":  # FP8 rollouts drift from the BF16 trainer; BF16 ones barely
+        cfg.algo.rollout_correction = "tis" if cfg.rollout.fp8 else "none"
     if cfg.algo.token_weighting != "none" and not cfg.token_rm.enabled:
         raise ConfigError("algo.token_weighting needs token_rm.enabled=true (or set it to 'none')")
     return cfg

@@ -1,6 +1,6 @@
 """`python -m megatron_oreal eval --model HF_DIR --data FILE.jsonl`: greedy pass@1 of any HF model.
 
-The evaluation protocol of OREAL.md §5.2 (zero-shot, greedy, one sample, the training system prompt)
+The evaluation protocol of docs/algorithm.md §5.2 (zero-shot, greedy, one sample, the training system prompt)
 on any JSONL set (MATH-500, GSM8K, AIME24, AMC23: the field names are found automatically), with a
 per-subject / per-level breakdown, the verifier's reasons, and a predictions file.
 """

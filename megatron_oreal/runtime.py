@@ -136,7 +136,7 @@ class Run:
 
         t0 = time.time()
         kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8, allow_local_spec=cfg.policy.allow_local_spec)
-        if cfg.policy.recompute:  # full activation recompute, as the reference runs (OREAL.md §7)
+        if cfg.policy.recompute:  # full activation recompute, as the reference runs (docs/algorithm.md §7)
             kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         policy = build_policy(self.hf_config, layout, **kw)
         load_hf_weights(policy, cfg.policy.hf_path, layout)
@@ -325,7 +325,9 @@ class Run:
         from megatron_oreal.rollout.engine import SamplingParams
 
         params = SamplingParams.from_config(self.cfg.rollout.sampling, default_stop_ids=self.stop_ids)
-        params = dataclasses.replace(params, return_logprobs=self.cfg.rollout.log_logprob_mismatch)
+        # the engine's log-probs: logged against Megatron's, and the weights of algo.rollout_correction=tis
+        params = dataclasses.replace(params, return_logprobs=self.cfg.rollout.log_logprob_mismatch
+                                     or self.cfg.algo.rollout_correction == "tis")
         return params.with_seed(self.cfg.rollout.sampling.seed * 1_000_003 + step)
 
     # ------------------------------------------------------------------ evaluation

@@ -1,6 +1,6 @@
 """`python -m megatron_oreal sft CONFIG [section.key=value ...]`: supervised fine-tuning on the same stack.
 
-OREAL starts from an SFT model (OREAL.md §0); this command trains one on {"prompt", "response"} JSONL
+OREAL starts from an SFT model (docs/algorithm.md §0); this command trains one on {"prompt", "response"} JSONL
 pairs with the Megatron policy, packed sequences, the NLL of the response tokens (mean over all
 response tokens of the step), AdamW with the policy's optimizer section and its warm-up + cosine
 schedule, and exports the result to RUN_DIR/hf. Works under torchrun at any TP/PP/DP.

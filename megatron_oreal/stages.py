@@ -41,7 +41,7 @@ def engine_share(items: list, comm: Comm) -> list:
     return items[i * n // k:(i + 1) * n // k]
 
 def score_groups(groups: list[Group], verifier: Any) -> None:
-    """Reward +1 / -1 per sample (OREAL.md §2.2): truncated, unparsable, timed-out all count as -1."""
+    """Reward +1 / -1 per sample (docs/algorithm.md §2.2): truncated, unparsable, timed-out all count as -1."""
     cases = [
         {"solution": s.text, "gold": g.prompt.gold, "finish_reason": s.finish_reason, "question": g.prompt.text}
         for g in groups

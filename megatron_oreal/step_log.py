@@ -3,6 +3,7 @@ the token-weight HTML page, and the run summary (RUN_DIR/summary.json)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
 from typing import Any
@@ -74,7 +75,8 @@ class StepLog:
         if r.layout.is_main and (step + 1) % max(self.cfg.log.console_every, 1) == 0:
             print(console_line(step + 1, self.cfg.steps, metrics, sum(recent) / len(recent)), flush=True)
         r.writer.write(step + 1, metrics)
-        self._maybe_html(step, groups)
+        if batch.sequences:  # a skipped update left the previous step's weights behind: no page for them
+            self._maybe_html(step, groups)
         return metrics
 
     def _maybe_html(self, step: int, groups: list[Group]) -> None:
@@ -92,7 +94,12 @@ class StepLog:
             tokens = [tok.decode([t]) for t in seq.response_ids]
             items.append(TokenWeightSample(text, tokens, [float(x) for x in w], seq.is_positive,
                                            1.0 if seq.is_positive else -1.0, seq.advantage, gold))
-        write_token_weights_html(self.run.run_dir / "html" / f"step_{step + 1:06d}.html", items, step + 1)
+        page = self.run.run_dir / "html" / f"step_{step + 1:06d}.html"
+        write_token_weights_html(page, items, step + 1)
+        # The same weights as data, for measurements such as tools/credit_rm_share.py.
+        page.with_suffix(".json").write_text(json.dumps([
+            {"prompt": it.prompt, "gold": it.gold_answer, "tokens": list(it.tokens), "weights": it.weights,
+             "is_positive": it.is_positive} for it in items]))
 
     def summary(self) -> dict:
         st = self.run.state

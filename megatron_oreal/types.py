@@ -23,11 +23,11 @@ class Sample:
     response_ids: list[int]  # sampled tokens; the stop token is included when it was generated
     finish_reason: str  # "stop" | "length"
     text: str = ""  # decoded response (what the verifier reads)
-    reward: float = 0.0  # +1 correct / -1 incorrect (OREAL.md §2.2)
+    reward: float = 0.0  # +1 correct / -1 incorrect (docs/algorithm.md §2.2)
     reason: str = ""  # the verifier's reason: correct / wrong / no_answer / truncated / timeout / error
     advantage: float = 0.0  # group-level advantage, computed over all K samples
-    # [R] sampler log-probs of response_ids (rollout.log_logprob_mismatch); diagnostics only, never
-    # in the loss (DESIGN.md decision 5). None when the engine was not asked for them.
+    # [R] sampler log-probs of response_ids (rollout.log_logprob_mismatch); logged, and the truncated
+    # importance weights of algo.rollout_correction=tis. None when the engine was not asked for them.
     rollout_logprobs: list[float] | None = None
 
 
@@ -47,7 +47,7 @@ class TrainSequence:
     response_ids: list[int]
     advantage: float
     is_positive: bool  # reward > 0: behaviour cloning term; else the negative policy-gradient term
-    rollout_logprobs: list[float] | None = None  # [R] from Sample: compared with Megatron's, not trained on
+    rollout_logprobs: list[float] | None = None  # [R] from Sample: compared with Megatron's; TIS weights
 
 
 @dataclass

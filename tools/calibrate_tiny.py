@@ -10,6 +10,12 @@ pre-trained starting model that examples/tiny ships. Design and measured numbers
     python tools/calibrate_tiny.py eval --digits 1 --init runs/tiny_sft [--pass-k 8]
     python tools/calibrate_tiny.py data --digits 1 --out DIR   # prompts_train/heldout.jsonl, sft.jsonl
 
+The credit-assignment task (data/credit.py, examples/credit/README.md) uses the same tool with
+`--task credit`; its starting model is the tiny model fine-tuned on the credit teacher:
+
+    python tools/calibrate_tiny.py sft --task credit --from-model examples/tiny/model --steps 400 --lr 1e-3 \
+        --eval-every 100 --eval-n 500 --threads 1 --seed 0 --out runs/credit_sft
+
 Every number printed comes from the run that prints it.
 """
 
@@ -28,12 +34,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megatron_oreal.data import arith  # noqa: E402
+from megatron_oreal.data import arith, credit  # noqa: E402
 from megatron_oreal.data.char_tokenizer import build_tokenizer  # noqa: E402
 
 EVAL_SEED = 0  # the held-out eval set is fixed: the first N held-out problems of seed 0
 MAX_NEW = 28  # longest reference response is 23 chars + EOS (nops=2, digits=2)
-SPEC = arith.ArithSpec()  # set from --digits/--muldigits/--nops in main()
+SPEC = arith.ArithSpec()  # set from --task/--digits/--muldigits/--nops in main()
+TASK = arith  # the task module (data/arith.py or data/credit.py: the same interface)
 
 
 # ---------------------------------------------------------------- model + data
@@ -113,7 +120,7 @@ def reward(tok, response: list[int], question: str) -> float:
     """+1 iff the response stopped (EOS) and its last \\boxed{} equals the gold answer exactly."""
     if not response or response[-1] != tok.eos_token_id:
         return -1.0
-    return 1.0 if arith.boxed_answer(tok.decode(response[:-1])) == arith.gold_answer(question) else -1.0
+    return 1.0 if TASK.boxed_answer(tok.decode(response[:-1])) == TASK.gold_answer(question) else -1.0
 
 
 def evaluate(model, tok, problems: list[str], bs: int = 500) -> dict:
@@ -125,10 +132,10 @@ def evaluate(model, tok, problems: list[str], bs: int = 500) -> dict:
         for q, r in zip(qs, generate(model, tok, qs, greedy=True)):
             c = reward(tok, r, q) > 0
             ok += c
-            if arith.has_negative_step(q):
+            if TASK.has_negative_step(q):
                 neg_n += 1
                 neg_ok += c
-                dropped += arith.boxed_answer(tok.decode(r)) == arith.solve_states(q, drop_sign=True)[-1]
+                dropped += TASK.boxed_answer(tok.decode(r)) == signdrop_answer(q)
     n = len(problems)
     return {"pass1": ok / n, "neg_pass1": neg_ok / max(neg_n, 1), "pos_pass1": (ok - neg_ok) / max(n - neg_n, 1),
             "neg_signdrop": dropped / max(neg_n, 1), "n": n, "n_neg": neg_n}
@@ -139,16 +146,23 @@ def fmt_eval(e: dict) -> str:
             f"neg sign-dropped {100 * e['neg_signdrop']:.1f}%; n={e['n']}, n_neg={e['n_neg']})")
 
 
+def signdrop_answer(q: str) -> str:
+    """The answer the teacher's systematic error gives on a sub-type problem."""
+    if TASK is arith:
+        return arith.solve_states(q, drop_sign=True)[-1]
+    return TASK.signdrop_answer(q)
+
+
 def heldout(n: int) -> list[str]:
-    return arith.make_problems(n, EVAL_SEED, "heldout", SPEC)
+    return TASK.make_problems(n, EVAL_SEED, "heldout", SPEC)
 
 
 def train_stream(seed: int):
     """Endless train-split problems (may repeat; the held-out hash class never appears)."""
     rng = random.Random(f"stream:{seed}")
     while True:
-        p = arith.random_problem(rng, SPEC)
-        if not arith.is_held_out(p):
+        p = TASK.random_problem(rng, SPEC)
+        if not TASK.is_held_out(p):
             yield p
 
 
@@ -158,7 +172,11 @@ def train_stream(seed: int):
 def cmd_sft(a) -> None:
     torch.set_num_threads(a.threads)
     tok = build_tokenizer()
-    model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, a.seed)
+    if a.from_model:  # continue from a trained model (the credit task starts from the tiny model)
+        model = load_model(a.from_model)[0]
+        torch.manual_seed(a.seed)
+    else:
+        model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, a.seed)
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = 100
@@ -171,7 +189,7 @@ def cmd_sft(a) -> None:
         model.train()
         qs = [next(stream) for _ in range(a.batch)]
         ps = [prompt_ids(tok, q) for q in qs]
-        rs = [tok(arith.teacher_solution(q, trng, a.sign_error_rate)[0])["input_ids"] + [tok.eos_token_id]
+        rs = [tok(TASK.teacher_solution(q, trng, a.sign_error_rate)[0])["input_ids"] + [tok.eos_token_id]
               for q in qs]
         lp, mask = response_logps(model, ps, rs, tok.pad_token_id)
         loss = -lp.sum() / mask.sum()
@@ -186,7 +204,7 @@ def cmd_sft(a) -> None:
             tok.save_pretrained(str(out))
             (out / "calibration.json").write_text(json.dumps({
                 "sft_steps": step, "sft_schedule_steps": a.steps, "sft_lr": a.lr, "batch": a.batch,
-                "seed": a.seed, "sign_error_rate": a.sign_error_rate, "spec": SPEC.__dict__,
+                "seed": a.seed, "task": a.task, "from_model": a.from_model, "sign_error_rate": a.sign_error_rate, "spec": SPEC.__dict__,
                 "heldout_eval": e}, indent=1))
 
 
@@ -199,7 +217,7 @@ def cmd_eval(a) -> None:
         torch.manual_seed(a.seed)
         qs = heldout(a.eval_n)[:256]
         hits = torch.zeros(len(qs))
-        neg = torch.tensor([arith.has_negative_step(q) for q in qs])
+        neg = torch.tensor([TASK.has_negative_step(q) for q in qs])
         for _ in range(a.pass_k):
             rs = generate(model, tok, qs, greedy=False)
             hits += torch.tensor([reward(tok, r, q) > 0 for q, r in zip(qs, rs)]).float()
@@ -210,18 +228,18 @@ def cmd_eval(a) -> None:
 def cmd_data(a) -> None:
     out = Path(a.out)
     rng = random.Random(f"teacher:{a.seed}")
-    train = arith.make_problems(a.n_train, a.seed, "train", SPEC)
-    print("prompts_train", arith.write_prompts_jsonl(out / "prompts_train.jsonl", train))
-    print("prompts_heldout", arith.write_prompts_jsonl(out / "prompts_heldout.jsonl", heldout(a.eval_n)))
-    sft = [(q, arith.teacher_solution(q, rng, a.sign_error_rate)[0]) for q in train]
-    print("sft", arith.write_sft_jsonl(out / "sft.jsonl", sft))
+    train = TASK.make_problems(a.n_train, a.seed, "train", SPEC)
+    print("prompts_train", TASK.write_prompts_jsonl(out / "prompts_train.jsonl", train))
+    print("prompts_heldout", TASK.write_prompts_jsonl(out / "prompts_heldout.jsonl", heldout(a.eval_n)))
+    sft = [(q, TASK.teacher_solution(q, rng, a.sign_error_rate)[0]) for q in train]
+    print("sft", TASK.write_sft_jsonl(out / "sft.jsonl", sft))
 
 
-# ---------------------------------------------------------------- RL (OREAL.md §2, §3, §8)
+# ---------------------------------------------------------------- RL (docs/algorithm.md §2, §3, §8)
 
 
 def lr_factor(s: int, warmup: int, total: int, min_ratio: float) -> float:
-    """OREAL.md §4.3: linear warm-up for `warmup` steps, then cosine to min_ratio at `total`."""
+    """docs/algorithm.md §4.3: linear warm-up for `warmup` steps, then cosine to min_ratio at `total`."""
     if s < warmup:
         return (s + 1) / warmup
     t = min((s - warmup) / max(total - warmup, 1), 1.0)
@@ -229,7 +247,7 @@ def lr_factor(s: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def select_pairs(R: torch.Tensor, rng: random.Random) -> list[int]:
-    """OREAL.md §4.2 step 5: per mixed prompt, one random correct and one random incorrect sample."""
+    """docs/algorithm.md §4.2 step 5: per mixed prompt, one random correct and one random incorrect sample."""
     keep = []
     P, K = R.shape
     for j in range(P):
@@ -241,7 +259,7 @@ def select_pairs(R: torch.Tensor, rng: random.Random) -> list[int]:
 
 
 def oreal_losses(lp, ref_lp, mask, adv, is_pos, w=None, eta=0.5, beta=0.01):
-    """OREAL.md §2.3-2.6 with global per-set token denominators; w = RM logits [M, R] or None (ω=1)."""
+    """docs/algorithm.md §2.3-2.6 with global per-set token denominators; w = RM logits [M, R] or None (ω=1)."""
     m = mask.float()
     if w is None:
         wp = wn = torch.ones_like(m)
@@ -251,7 +269,7 @@ def oreal_losses(lp, ref_lp, mask, adv, is_pos, w=None, eta=0.5, beta=0.01):
     n_pos, n_neg = m[is_pos].sum().clamp(min=1), m[~is_pos].sum().clamp(min=1)
     a = adv[:, None]
     pos = (a * wp * -lp * m)[is_pos].sum() / n_pos
-    ratio = torch.exp(lp - lp.detach())  # = 1, gradient ∇logπ ([T:L814-824])
+    ratio = torch.exp(lp - lp.detach())  # = 1, gradient ∇logπ ([docs/algorithm.md, train_oreal.py:L814-824])
     neg = -eta * (ratio * a * wn * m)[~is_pos].sum() / n_neg
     d = ref_lp - lp
     kl = beta * ((torch.exp(d) - d - 1) * m).sum() / m.sum()
@@ -267,13 +285,13 @@ def cmd_rl(a) -> None:
     ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.01)
     rm = head = opt_rm = None
-    if a.token_rm:  # OREAL.md §3: full backbone copy + zero-initialised H->1 head
+    if a.token_rm:  # docs/algorithm.md §3: full backbone copy + zero-initialised H->1 head
         rm, _ = load_model(a.init)
         head = torch.nn.Linear(rm.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(head.weight)
         opt_rm = torch.optim.AdamW(list(rm.model.parameters()) + list(head.parameters()), lr=a.rm_lr,
                                    weight_decay=0.01)
-    if a.oreal_schedule:  # OREAL.md §4.3: the actor's schedule runs through the frozen steps
+    if a.oreal_schedule:  # docs/algorithm.md §4.3: the actor's schedule runs through the frozen steps
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.warmup, a.steps, a.min_lr_ratio))
     else:  # the actor's warm-up starts at its first update, so a fresh AdamW never starts at full lr
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(max(s - a.freeze, 0), a.warmup,
@@ -292,7 +310,7 @@ def cmd_rl(a) -> None:
         policy.eval()
         rs = generate(policy, tok, [q for q in qs for _ in range(a.k)], greedy=False)
         R = torch.tensor([reward(tok, r, qs[i // a.k]) for i, r in enumerate(rs)]).view(a.prompts, a.k)
-        A = (R - (R.sum(1, keepdim=True) - R) / (a.k - 1)).flatten()  # RLOO, OREAL.md §2.2
+        A = (R - (R.sum(1, keepdim=True) - R) / (a.k - 1)).flatten()  # RLOO, docs/algorithm.md §2.2
         keep = select_pairs(R, rng)
         t_gen = time.time() - t0
         info = {"reward": (R > 0).float().mean().item(), "mixed": len(keep) // 2,
@@ -310,7 +328,7 @@ def cmd_rl(a) -> None:
                 h, _ = response_logps(rm, ps, ys, tok.pad_token_id, hidden=True)
                 w = head(h).squeeze(-1)  # [M, R] RM logit at the position predicting each token
                 z = (w * mask).sum(1) / mask.sum(1)
-                rm_loss = F.binary_cross_entropy_with_logits(z, is_pos.float())  # OREAL.md §3, Eq 12
+                rm_loss = F.binary_cross_entropy_with_logits(z, is_pos.float())  # docs/algorithm.md §3, Eq 12
                 info["rm_loss"] = rm_loss.item()
                 info["rm_acc"] = ((z > 0) == is_pos).float().mean().item()
             pos, neg, kl = oreal_losses(lp, ref_lp, mask, adv, is_pos, w, a.eta, a.beta)
@@ -319,7 +337,7 @@ def cmd_rl(a) -> None:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if rm is not None:  # weights above were computed before this update (OREAL.md §3)
+            if rm is not None:  # weights above were computed before this update (docs/algorithm.md §3)
                 rm_loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(rm.model.parameters()) + [head.weight], 1.0)
                 opt_rm.step()
@@ -364,11 +382,14 @@ def main(argv=None) -> int:
         p.add_argument("--digits", type=int, default=2)
         p.add_argument("--muldigits", type=int, default=1)
         p.add_argument("--nops", type=int, default=2)
+        p.add_argument("--task", choices=("arith", "credit"), default="arith",
+                       help="credit: the credit-assignment task (data/credit.py; --digits/--nops unused)")
     s = sub.choices["sft"]
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--eval-every", type=int, default=500)
+    s.add_argument("--from-model", default="", help="start from this HF model instead of a random one")
     sub.choices["eval"].add_argument("--pass-k", type=int, default=0)
     sub.choices["data"].add_argument("--n-train", type=int, default=20000)
     r = sub.choices["rl"]
@@ -388,8 +409,11 @@ def main(argv=None) -> int:
     r.add_argument("--log-every", type=int, default=5)
     r.add_argument("--save", default="")
     a = ap.parse_args(argv)
-    global SPEC
-    SPEC = arith.ArithSpec(digits=a.digits, muldigits=a.muldigits, nops=a.nops)
+    global SPEC, TASK, MAX_NEW
+    if a.task == "credit":  # longest credit solution: 50 characters + EOS
+        SPEC, TASK, MAX_NEW = credit.CreditSpec(), credit, 56
+    else:
+        SPEC = arith.ArithSpec(digits=a.digits, muldigits=a.muldigits, nops=a.nops)
     {"sft": cmd_sft, "rl": cmd_rl, "eval": cmd_eval, "data": cmd_data}[a.cmd](a)
     return 0
 

@@ -1,8 +1,8 @@
 """Outcome reward -> per-sample advantage, over the K samples of each prompt.
 
-Rewards are [P, K] (P prompts, K samples each, order AAAA BBBB as in OREAL.md §4.2) and so are the
+Rewards are [P, K] (P prompts, K samples each, order AAAA BBBB as in docs/algorithm.md §4.2) and so are the
 advantages. Every estimator is computed on the *full* group, before selection: the kept samples carry
-their group-level advantage (OREAL.md §2.2, [T:L559-575]).
+their group-level advantage (docs/algorithm.md §2.2, [train_oreal.py:L559-575]).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _check(rewards: Tensor, min_k: int = 1) -> None:
 
 
 def rloo_advantages(rewards: Tensor) -> Tensor:
-    """RLOO: A_k = r_k - mean_{j != k} r_j (OREAL.md §2.2, [T:L559-563]).
+    """RLOO: A_k = r_k - mean_{j != k} r_j (docs/algorithm.md §2.2, [train_oreal.py:L559-563]).
 
     With ±1 rewards and c correct of K: A⁺ = 2(K-c)/(K-1), A⁻ = -2c/(K-1) (K=16, c=4: 1.6, -0.5333).
     """
@@ -34,7 +34,7 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
 
 
 def grpo_advantages(rewards: Tensor) -> Tensor:
-    """GRPO: (r - mean) / (std + 1e-8) with torch's unbiased std (OREAL.md §2.2, `reward_shaping_type="grpo"`)."""
+    """GRPO: (r - mean) / (std + 1e-8) with torch's unbiased std (docs/algorithm.md §2.2, `reward_shaping_type="grpo"`)."""
     _check(rewards, min_k=2)
     r = rewards.double()
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=True, keepdim=True) + 1e-8)
@@ -42,7 +42,7 @@ def grpo_advantages(rewards: Tensor) -> Tensor:
 
 
 def reinforce_advantages(rewards: Tensor) -> Tensor:
-    """Plain REINFORCE: A = r, no baseline (the first rung of the ablation ladder, OREAL.md §6.2)."""
+    """Plain REINFORCE: A = r, no baseline (the first rung of the ablation ladder, docs/algorithm.md §6.2)."""
     _check(rewards)
     return rewards.clone() if rewards.is_floating_point() else rewards.float()
 

@@ -1,12 +1,13 @@
-"""The paper's ablation ladder (OREAL.md §6.2, [P Tab 2] / [P Fig 2]) as AlgoConfig overrides.
+"""The paper's ablation ladder (docs/algorithm.md §6.2, [P Tab 2] / [P Fig 2]) as AlgoConfig overrides.
 
 Each rung adds one component to the previous one; apply with `algo.<key>=<value>` overrides or
 `dataclasses.replace(cfg.algo, **ABLATIONS[name])`.
 
 - reinforce:       REINFORCE baseline. A = r (±1), every sample trained, one shared per-token denominator,
                    no token weights, no actor freeze.
-- reward_shaping:  + reward shaping (L₂): RLOO advantages instead of raw rewards. The authors say this row
-                   is shaping applied to all samples (OREAL.md §6.2, COLM review thread).
+- reward_shaping:  + reward shaping (L₂): GRPO-style advantages (r − mean)/std on every sample, as the
+                   authors describe this row (docs/algorithm.md §6.2, COLM review thread); OREAL itself shapes with
+                   RLOO. Same settings as "grpo" (kept as its own name for the paper's ladder).
 - behavior_cloning: + BC on positives (L₁): positives get the advantage-scaled NLL over N⁺, negatives the
                    η-weighted policy gradient over N⁻; still every sample and ω = 1. This is the reference's
                    no-token-RM config ([C7-noRM]: no filter, no freeze).
@@ -33,7 +34,7 @@ _BASE_PG: dict[str, Any] = {
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "reinforce": {**_BASE_PG, "advantage": "reinforce"},
-    "reward_shaping": {**_BASE_PG, "advantage": "rloo"},
+    "reward_shaping": {**_BASE_PG, "advantage": "grpo"},
     "behavior_cloning": {
         **_BASE_PG,
         "advantage": "rloo",

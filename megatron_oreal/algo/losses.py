@@ -1,4 +1,4 @@
-"""OREAL loss terms on the packed response-token layout (OREAL.md §2.3-2.6, §3; [T:L770-840]).
+"""OREAL loss terms on the packed response-token layout (docs/algorithm.md §2.3-2.6, §3; [train_oreal.py:L770-840]).
 
 Inputs are local (one micro-batch); the global counts N⁺, N⁻, N (tokens) and M (sequences) over the
 whole step on all DP ranks are arguments, so the sum over micro-batches and ranks of these losses is the
@@ -24,7 +24,7 @@ POSITIVE_LOSSES = ("bc", "pg")
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL estimate with δ = log π_ref − log π_θ (OREAL.md §2.5, [T:L826-840]).
+    """Per-token KL estimate with δ = log π_ref − log π_θ (docs/algorithm.md §2.5, [train_oreal.py:L826-840]).
 
     k3 ("unbias"): exp(δ) − δ − 1 (≥ 0; gradient wrt logp is 1 − exp(δ)); k1 ("kl"): δ; mse: δ²/2.
     """
@@ -57,18 +57,22 @@ def policy_loss(
     n_neg: float | Tensor,
     n_all: float | Tensor,
     cfg: Any,
+    is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L⁺ + L⁻ + L^KL for one packed micro-batch.
 
     logp, ref_logp, w_pos, w_neg: [T] per response token; advantages [S] float, is_positive [S] bool.
     cfg: the AlgoConfig section (positive_loss, positive_loss_factor, pos_mult_adv, negative_loss_factor,
-    kl_coef, kl_type).
+    kl_coef, kl_type, kl_normalizer).
 
-    positive_loss="bc" (OREAL, [T:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
+    positive_loss="bc" (OREAL, [docs/algorithm.md, train_oreal.py:L802-812]): L⁺ = α Σ_{pos} A·ω⁺·(−logp) / N⁺ (A only if pos_mult_adv).
     positive_loss="pg" (ablations): both sets take the REINFORCE form −Σ ρ·A·ω / N with one shared
       denominator N, so with α = η = 1 and ω = 1 the loss is one plain per-token REINFORCE mean.
-    Negative ([T:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
-    KL ([T:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike.
+    is_weight: optional [T] rollout-correction weights (algo/rollout_correction.py), multiplying every
+      token's L⁺ and L⁻ term like ω does; None = 1 (on-policy). The KL term is not weighted.
+    Negative ([docs/algorithm.md, train_oreal.py:L814-824]): L⁻ = −η Σ_{neg} ρ·A·ω⁻ / N⁻, ρ = exp(logp − sg(logp)) (value 1, grad ∇logp).
+    KL ([docs/algorithm.md, train_oreal.py:L826-840]): β Σ_{all} kl(δ) / N, on positives and negatives alike; / N⁻ with
+      cfg.kl_normalizer="negative" (the reference before commit 2859cc0).
     """
     cu = check_cu_seqlens(cu_seqlens, logp.numel()).to(logp.device)
     num_seqs = cu.numel() - 1
@@ -77,7 +81,7 @@ def policy_loss(
             f"advantages/is_positive: expected [{num_seqs}] (one per sequence), "
             f"got {tuple(advantages.shape)} / {tuple(is_positive.shape)}"
         )
-    for name, t in (("ref_logp", ref_logp), ("w_pos", w_pos), ("w_neg", w_neg)):
+    for name, t in (("ref_logp", ref_logp), ("w_pos", w_pos), ("w_neg", w_neg), ("is_weight", is_weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match logp {tuple(logp.shape)}")
     if cfg.positive_loss not in POSITIVE_LOSSES:
@@ -90,17 +94,20 @@ def policy_loss(
     neg_tok = ~pos_tok
     w_pos, w_neg = w_pos.detach().to(logp), w_neg.detach().to(logp)
     ratio = torch.exp(logp - logp.detach())  # ≡ 1: one optimiser step per rollout batch, old = current
+    # the loss's weights: ω times the rollout correction (metrics below count ω alone)
+    lw_pos, lw_neg = (w_pos, w_neg) if is_weight is None else (w_pos * is_weight.detach().to(logp),
+                                                                w_neg * is_weight.detach().to(logp))
 
     if cfg.positive_loss == "bc":
         scale = adv_tok if cfg.pos_mult_adv else torch.ones_like(adv_tok)
-        pos_sum = (scale * w_pos * -logp)[pos_tok].sum()
+        pos_sum = (scale * lw_pos * -logp)[pos_tok].sum()
         pos_loss = cfg.positive_loss_factor * pos_sum / _denominator(n_pos, "N+")
         neg_den = _denominator(n_neg, "N-")
     else:
-        pos_sum = -(ratio * adv_tok * w_pos)[pos_tok].sum()
+        pos_sum = -(ratio * adv_tok * lw_pos)[pos_tok].sum()
         pos_loss = cfg.positive_loss_factor * pos_sum / _denominator(n_all, "N")
         neg_den = _denominator(n_all, "N")
-    neg_sum = -(ratio * adv_tok * w_neg)[neg_tok].sum()
+    neg_sum = -(ratio * adv_tok * lw_neg)[neg_tok].sum()
     neg_loss = cfg.negative_loss_factor * neg_sum / neg_den
 
     metrics: dict[str, Tensor] = {
@@ -110,13 +117,20 @@ def policy_loss(
         "tokens/negative": neg_tok.sum().float(),
         "tokens/w_pos_nonzero": (pos_tok & (w_pos > 0)).sum().float(),
         "tokens/w_neg_nonzero": (neg_tok & (w_neg > 0)).sum().float(),
-        "sum/neg_logp": -logp.detach().sum(),  # entropy estimate = sum / N (OREAL.md §11 avg_gen_entropy)
+        "sum/neg_logp": -logp.detach().sum(),  # entropy estimate = sum / N (docs/algorithm.md §11 avg_gen_entropy)
         "sum/advantage_tokens": adv_tok.detach().sum(),
     }
     loss = pos_loss + neg_loss
     if ref_logp is not None and cfg.kl_coef != 0.0:
         kl = kl_penalty(logp, ref_logp.float().detach(), cfg.kl_type)
-        kl_loss = cfg.kl_coef * kl.sum() / _denominator(n_all, "N")
+        # algo.kl_normalizer: N (reference HEAD) or N⁻ (reference before 2859cc0, the paper era)
+        if cfg.kl_normalizer == "negative":
+            kl_den = _denominator(n_neg, "N-")
+        elif cfg.kl_normalizer == "all":
+            kl_den = _denominator(n_all, "N")
+        else:
+            raise ValueError(f"algo.kl_normalizer: unknown {cfg.kl_normalizer!r} (known: ['all', 'negative'])")
+        kl_loss = cfg.kl_coef * kl.sum() / kl_den
         loss = loss + kl_loss
         metrics["loss/kl"] = kl_loss.detach()
         metrics["sum/kl"] = kl.detach().sum()
@@ -127,7 +141,7 @@ def policy_loss(
 
 
 def rm_loss(scores: Tensor, cu_seqlens: Tensor, rewards_positive: Tensor, m_global: float | Tensor) -> tuple[Tensor, dict]:
-    """Token-RM loss: Σ_i BCEWithLogits(mean_t w_{i,t}, y_i) / M, fp32 (OREAL.md §3, [P Eq 12], [T:L775-781]).
+    """Token-RM loss: Σ_i BCEWithLogits(mean_t w_{i,t}, y_i) / M, fp32 (docs/algorithm.md §3, [P Eq 12], [train_oreal.py:L775-781]).
 
     Sequence-level BCE on the mean token logit, y_i = int(max(r_i, 0)) = 1 for positives.
     """

@@ -1,4 +1,4 @@
-"""Learning-rate schedule, exactly as the reference (OREAL.md §4.3, [T:L356-415]).
+"""Learning-rate schedule, exactly as the reference (docs/algorithm.md §4.3, [train_oreal.py:L356-415]).
 
 A LambdaLR linear warm-up followed by a separately built CosineAnnealingLR, both stepped at the start
 of every step; with s the 0-based step index:

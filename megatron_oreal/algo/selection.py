@@ -1,7 +1,7 @@
 """Which samples are trained: OREAL's 1 correct + 1 incorrect per mixed prompt, or everything.
 
 Selection is deterministic from (seed, step), so every rank picks the same samples without a broadcast
-(OREAL.md §9 #17: the reference relied on identical Python RNG state on every rank).
+(docs/algorithm.md §9 #17: the reference relied on identical Python RNG state on every rank).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _generator(seed: int, step: int) -> torch.Generator:
 def select_samples(rewards: torch.Tensor, mode: str = "one_pair", seed: int = 0, step: int = 0) -> list[tuple[int, int]]:
     """rewards [P, K] -> the kept (prompt_idx, sample_idx), prompt by prompt.
 
-    one_pair ([DS] `TrajectoryDatasetWithFilter(only_keep_1_pair=True)`, OREAL.md §4.2 step 5): drop prompts
+    one_pair ([DS] `TrajectoryDatasetWithFilter(only_keep_1_pair=True)`, docs/algorithm.md §4.2 step 5): drop prompts
     whose K samples are all correct or all wrong; keep one random correct (r > 0) then one random incorrect.
     all: keep every sample (the no-token-RM configuration [C7-noRM] and the ablations).
     """

@@ -2,9 +2,9 @@
 
 Layout: the response tokens of S sequences packed flat, `scores` [T] and `cu_seqlens` [S+1] (int, starting
 at 0, ending at T). scores[t] is the RM output at the position that *predicts* response token t, i.e. the
-value of the prefix (x, a_<t) without a_t (OREAL.md §3 "Scores and alignment", [T:L772]).
+value of the prefix (x, a_<t) without a_t (docs/algorithm.md §3 "Scores and alignment", [train_oreal.py:L772]).
 
-All weights are detached (OREAL.md §3, `q = sigmoid(c).detach()`): they scale the policy gradient and
+All weights are detached (docs/algorithm.md §3, `q = sigmoid(c).detach()`): they scale the policy gradient and
 never train the RM.
 """
 
@@ -42,13 +42,13 @@ def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
 
 
 def sequence_mean(x: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Per-sequence mean -> [S]; z_i = mean_t w_{i,t} of OREAL.md §3 (differentiable)."""
+    """Per-sequence mean -> [S]; z_i = mean_t w_{i,t} of docs/algorithm.md §3 (differentiable)."""
     cu = cu_seqlens.long().to(x.device)
     return segment_sum(x, cu) / (cu[1:] - cu[:-1]).to(x.dtype)
 
 
 def prefix_mean(scores: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """c_t = (1/(t+1)) Σ_{k<=t} w_k within each sequence ([T:L769] cumsum / arange), float64 for long rows."""
+    """c_t = (1/(t+1)) Σ_{k<=t} w_k within each sequence ([docs/algorithm.md, train_oreal.py:L769] cumsum / arange), float64 for long rows."""
     cu = check_cu_seqlens(cu_seqlens, scores.numel()).to(scores.device)  # offsets may live on the host
     seg = segment_ids(cu)
     x = scores.detach().double()
@@ -59,7 +59,7 @@ def prefix_mean(scores: Tensor, cu_seqlens: Tensor) -> Tensor:
 
 
 def threshold_rescale(prob: Tensor, threshold: float) -> Tensor:
-    """clamp((p - τ)/(1 - τ), 0, 1) ([T:L105-109]); τ = 0.5 gives max(2p - 1, 0) ([P Eq 10])."""
+    """clamp((p - τ)/(1 - τ), 0, 1) ([docs/algorithm.md, train_oreal.py:L105-109]); τ = 0.5 gives max(2p - 1, 0) ([P Eq 10])."""
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"token-weight threshold must be in [0, 1), got {threshold}")
     return ((prob - threshold) / (1.0 - threshold)).clamp(0.0, 1.0)
@@ -68,7 +68,7 @@ def threshold_rescale(prob: Tensor, threshold: float) -> Tensor:
 def topk_rescale(prob: Tensor, ratio: float) -> Tensor:
     """Keep the top `ratio` of one sequence's tokens by prob, min-max normalised to [0, 1]; zero the rest.
 
-    [T:L112-121]: k = int(n * ratio); if all kept values are equal they all get 1. Deviation: the
+    [docs/algorithm.md, train_oreal.py:L112-121]: k = int(n * ratio); if all kept values are equal they all get 1. Deviation: the
     reference crashes when k = 0 (sequences shorter than 1/ratio); we keep at least one token.
     """
     if not 0.0 < ratio <= 1.0:
@@ -89,7 +89,7 @@ def token_weights(
     incorrect_threshold: float = 0.5,
     topk_ratio: float = 0.25,
 ) -> tuple[Tensor, Tensor]:
-    """Packed RM scores [T] -> (ω⁺ [T], ω⁻ [T]), float32, detached (OREAL.md §3 "Scores → token weights").
+    """Packed RM scores [T] -> (ω⁺ [T], ω⁻ [T]), float32, detached (docs/algorithm.md §3 "Scores → token weights").
 
     q_t = σ(prefix mean of w); ω⁺ from q, ω⁻ from 1 - q. "none" gives ω⁺ = ω⁻ = 1 ([C7-noRM]).
     """

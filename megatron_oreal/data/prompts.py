@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,7 +26,7 @@ ANSWER_KEYS = ("gold_answer", "answer")
 META_KEYS = ("subject", "level", "pass_rate", "id", "unique_id")
 ANSWER_FORMATS = ("auto", "plain", "gsm8k")
 
-# OREAL.md §4.1 / [C7] data_difficulty_balance_cfg: half-open pass-rate ranges -> repeats.
+# docs/algorithm.md §4.1 / [C7] data_difficulty_balance_cfg: half-open pass-rate ranges -> repeats.
 # A pass rate in none of them (>= 0.8) drops the prompt, as the reference's loop does.
 DIFFICULTY_REPEATS: tuple[tuple[tuple[float, float], int], ...] = (
     ((0.0, 0.2), 6),
@@ -211,7 +212,12 @@ class PromptStream:
         if tokenizer is not None:
             tokenize_prompts(prompts, tokenizer, cfg.system_prompt, _prompt_format(cfg))
         if cfg.difficulty_balance:
-            prompts = balance_difficulty(prompts)
+            if any("pass_rate" in p.meta for p in prompts):
+                prompts = balance_difficulty(prompts)
+            else:  # the recipe's default, on data that cannot be balanced (e.g. the built-in tasks)
+                warnings.warn(f"data.difficulty_balance: {cfg.train_file or 'the prompts'} has no pass_rate "
+                              "field, so prompts are not re-weighted (set data.difficulty_balance=false to "
+                              "silence this)", stacklevel=2)
         return cls(prompts, cfg.prompts_per_step, cfg.seed, dp_rank, dp_size)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:

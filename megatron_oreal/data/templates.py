@@ -1,6 +1,6 @@
 """Prompt formatting: the tokenizer's chat template plus the system prompt from `data.system_prompt`.
 
-Each prompt becomes one user message after the system prompt (OREAL.md §4.1). `data.system_prompt`
+Each prompt becomes one user message after the system prompt (docs/algorithm.md §4.1). `data.system_prompt`
 is a preset name from SYSTEM_PROMPTS or the literal text. "none" passes no system message at all,
 so a template that has its own default (Qwen2.5's "You are Qwen...", OREAL's own chat_template)
 still inserts it: that is the model's trained format. A model without a chat template (the tiny

@@ -7,7 +7,7 @@ list of MicroBatch; on the last stage `post(idx, mb, output)` turns the model ou
 
 Log-probs are computed the way Megatron computes its LM loss: vocab-parallel cross entropy in fp32 on
 the TP-sharded logits (logp = -CE(labels)), with the vocabulary-padding columns masked to -inf first
-(model.mask_padded_vocab), so no rank ever materialises the full [L, V] logits (OREAL.md §11).
+(model.mask_padded_vocab), so no rank ever materialises the full [L, V] logits (docs/algorithm.md §11).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One `MegatronOptimizer` per model (policy, token RM), AdamW (Megatron's "adam" is decoupled weight
 decay: apex/TE FusedAdam in AdamW mode, or torch.optim.AdamW without them), weight decay 0.01,
-grad-clip 1.0, betas/eps from OptimConfig (OREAL.md §4.3). Megatron leaves biases and norm weights
+grad-clip 1.0, betas/eps from OptimConfig (docs/algorithm.md §4.3). Megatron leaves biases and norm weights
 out of weight decay (its default `no_weight_decay_cond`); the reference decays every parameter, a
 difference of 0.01 * lr * w per step on those few tensors.
 

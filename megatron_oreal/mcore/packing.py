@@ -13,7 +13,7 @@ Split of one step's batch (identical on every rank):
      (dynamic batch size); a sequence longer than the budget gets a micro-batch of its own.
 Every rank computes the same split from the same batch, so no communication is needed to agree.
 
-Alignment (OREAL.md §3 / §8.1 item 7): with prompt length P and response length R, the positions
+Alignment (docs/algorithm.md §3 / §8.1 item 7): with prompt length P and response length R, the positions
 P-1 .. P+R-2 of a sequence predict its R response tokens; `loss_mask` marks exactly those R positions,
 and the per-position outputs (log-probs, RM scores) taken there in order form the packed
 response-token layout with offsets `resp_cu_seqlens`.
@@ -198,7 +198,7 @@ def build_micro_batches(
 
 
 def global_counts(batch: TrainBatch) -> dict[str, int]:
-    """N⁺, N⁻, N (response tokens) and M (sequences) over a whole batch (OREAL.md §1)."""
+    """N⁺, N⁻, N (response tokens) and M (sequences) over a whole batch (docs/algorithm.md §1)."""
     n_pos = sum(len(s.response_ids) for s in batch.sequences if s.is_positive)
     n_neg = sum(len(s.response_ids) for s in batch.sequences if not s.is_positive)
     return {"n_pos": n_pos, "n_neg": n_neg, "n_all": n_pos + n_neg, "m": len(batch.sequences)}

@@ -1,4 +1,4 @@
-"""One OREAL training step on Megatron-Core: token-RM update, then policy update (OREAL.md §4.2 step 7-8).
+"""One OREAL training step on Megatron-Core: token-RM update, then policy update (docs/algorithm.md §4.2 step 7-8).
 
     trainer = OrealTrainer(policy, token_rm, ReferenceWeights(policy), layout, cfg.algo,
                            cfg.policy.optim, cfg.token_rm.optim, total_steps=cfg.steps)
@@ -8,7 +8,7 @@ Per step (identical TrainBatch on every rank; each DP rank trains its balanced s
  1. global counts N⁺, N⁻, N, M: all-reduced over DP only (not TP/PP: those ranks hold the same data);
  2. token RM: forward + backward of the sequence BCE (Σ/M), one AdamW step. The token weights ω⁺/ω⁻
     for the policy come from the scores of this same forward, i.e. from the RM *before* its update
-    ([P Alg 1] lines 10-12, OREAL.md §3 "Update schedule");
+    ([P Alg 1] lines 10-12, docs/algorithm.md §3 "Update schedule");
  3. reference log-probs: the initial weights swapped into the policy, forward only (skipped if β = 0);
  4. policy: L⁺ + L⁻ + L^KL (algo/losses.py), one AdamW step; skipped (forward only, for the metrics)
     while step < actor_freeze_steps. Both LRs follow algo/schedule.py at every step regardless.
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_oreal.algo.losses import policy_loss, rm_loss
+from megatron_oreal.algo.rollout_correction import tis_weights
 from megatron_oreal.algo.token_weights import token_weights
 from megatron_oreal.config import AlgoConfig, OptimConfig
 from megatron_oreal.mcore import optim
@@ -45,6 +46,7 @@ RM_KEYS = ("loss/token_rm", "sum/rm_correct", "sum/rm_logit")
 # Train/rollout log-prob mismatch (rollout.log_logprob_mismatch; peer_systems.md §6), over the tokens
 # whose sequences carry the sampler's log-probs.
 MISMATCH_KEYS = ("sum/lp_abs_diff", "sum/lp_k3", "tokens/lp_compared")
+TIS_KEYS = ("sum/tis_ratio", "sum/tis_weight", "tokens/tis_clipped")  # algo.rollout_correction=tis
 
 
 def _reduce_metrics(outputs: list[dict], keys: tuple[str, ...], layout) -> dict[str, float]:
@@ -181,16 +183,25 @@ class OrealTrainer:
 
         train_actor = step >= self.algo.actor_freeze_steps
         compare = bool(batch.sequences) and all(s.rollout_logprobs is not None for s in batch.sequences)
+        # load_config resolves "auto" from rollout.fp8; a bare AlgoConfig knows no engine: on-policy
+        tis = self.algo.rollout_correction == "tis"
+        if tis and batch.sequences and not compare:
+            raise ValueError("algo.rollout_correction=tis needs the engine's log-probs on every sequence "
+                             "(the engine returned none for some)")
         diff_max = [0.0]
 
         def post(idx, mb, output):
             logp = response_values(token_logprobs(output, mb.labels, self.vocab_size), mb)
             w_pos, w_neg = weights.get(idx) or (torch.ones_like(logp), torch.ones_like(logp))
+            rollout_lp = _rollout_logprobs(batch, mb).to(logp.device) if compare else None
+            is_weight, tis_sums = (tis_weights(logp.detach(), rollout_lp, self.algo.tis_clip, self.algo.tis_clip_low)
+                                   if tis else (None, {}))
             loss, out = policy_loss(logp, ref.get(idx), mb.resp_cu_seqlens, mb.advantages, mb.is_positive,
                                     w_pos.to(logp.device), w_neg.to(logp.device),
-                                    counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo)
+                                    counts["n_pos"], counts["n_neg"], counts["n_all"], self.algo, is_weight)
+            out.update(tis_sums)
             if compare:  # the very log-probs the loss uses vs the sampler's, same tokens
-                sums, mx = logprob_mismatch(logp.detach(), _rollout_logprobs(batch, mb))
+                sums, mx = logprob_mismatch(logp.detach(), rollout_lp)
                 out.update(sums)
                 diff_max[0] = max(diff_max[0], mx)
             return loss, out
@@ -200,7 +211,8 @@ class OrealTrainer:
         optim.zero_grads(self.policy, self.policy_opt)
         outputs = run_schedule(self.policy, mbs, post, forward_only=not train_actor, loss_scale=self.layout.dp)
         updated, grad_norm = optim.optimizer_step(self.policy_opt) if train_actor else (False, 0.0)
-        pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()), self.layout)
+        pm = _reduce_metrics(outputs, POLICY_KEYS + (MISMATCH_KEYS if compare else ()) + (TIS_KEYS if tis else ()),
+                             self.layout)
         n_all, n_pos, n_neg = max(counts["n_all"], 1.0), max(counts["n_pos"], 1.0), max(counts["n_neg"], 1.0)
         metrics.update({
             "loss/positive": pm["loss/positive"],
@@ -226,6 +238,11 @@ class OrealTrainer:
             metrics.update({"rollout/logprob_abs_diff_mean": pm["sum/lp_abs_diff"] / n_lp,
                             "rollout/logprob_diff_max": _reduce_max(diff_max[0], self.layout),
                             "rollout/logprob_k3_kl": pm["sum/lp_k3"] / n_lp})
+        if tis:  # algo/rollout_correction.py: mean raw ratio, mean weight used, share of tokens truncated
+            n_lp = max(pm["tokens/lp_compared"], 1.0)
+            metrics.update({"rollout_corr/ratio_mean": pm["sum/tis_ratio"] / n_lp,
+                            "rollout_corr/weight_mean": pm["sum/tis_weight"] / n_lp,
+                            "rollout_corr/clipped_frac": pm["tokens/tis_clipped"] / n_lp})
         return metrics
 
 
@@ -242,7 +259,7 @@ def logprob_mismatch(train_logp: Tensor, rollout_logp: Tensor) -> tuple[dict[str
     """Sums over tokens of |Δ| and of the k3 estimate, and max |Δ|, with Δ = log π_train − log π_rollout.
 
     k3 = exp(Δ) − Δ − 1 ≥ 0 is the unbiased low-variance estimator of KL(π_rollout ‖ π_train) from
-    samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, OREAL.md §2.5),
+    samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, docs/algorithm.md §2.5),
     what slime/verl log as the train-inference mismatch (peer_systems.md §6). Both inputs are [T] fp32.
     """
     delta = train_logp.float() - rollout_logp.to(train_logp.device).float()

@@ -1,6 +1,6 @@
 """A self-contained HTML page of sampled responses with each token shaded by its OREAL token weight.
 
-Correct responses are shaded green by ω⁺ and incorrect ones red by ω⁻ (OREAL.md §0 "token weights":
+Correct responses are shaded green by ω⁺ and incorrect ones red by ω⁻ (docs/algorithm.md §0 "token weights":
 ω⁺ = max(2q−1, 0), ω⁻ = max(1−2q, 0), both in [0, 1]), so one can see which tokens the token-level
 RM credits or blames. The page has no scripts and no external resources. Everything that came from the
 model or the dataset is untrusted text and is HTML-escaped (`html.escape(quote=True)`), including

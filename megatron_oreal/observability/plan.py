@@ -36,7 +36,7 @@ def resolve_arch(cfg, model: str = "", model_config: str = "") -> ModelArch:
 def workload_from_config(cfg, arch: ModelArch, gpu: str, n_gpus: int, assumptions: Assumptions | None = None,
                          prompt_tokens: float | None = None, mean_response_tokens: float | None = None,
                          optimizer_offload: bool = False) -> Workload:
-    """OREAL step in planner terms. Which passes run (OREAL.md §4.2): policy fwd+bwd, token RM fwd+bwd,
+    """OREAL step in planner terms. Which passes run (docs/algorithm.md §4.2): policy fwd+bwd, token RM fwd+bwd,
     reference forward (KL), and one more RM forward to score the policy's tokens after the RM update."""
     A = assumptions or Assumptions()
     s = cfg.rollout.sampling
@@ -44,7 +44,7 @@ def workload_from_config(cfg, arch: ModelArch, gpu: str, n_gpus: int, assumption
     max_resp = min(s.max_new_tokens, max(s.max_total_length - prompt, 1))
     mean_resp = A.mean_response_fraction * max_resp if mean_response_tokens is None else mean_response_tokens
     samples = cfg.data.prompts_per_step * s.n
-    if cfg.algo.selection == "one_pair":  # 1 correct + 1 incorrect per mixed prompt (OREAL.md §4.2 step 5)
+    if cfg.algo.selection == "one_pair":  # 1 correct + 1 incorrect per mixed prompt (docs/algorithm.md §4.2 step 5)
         train_seqs = 2 * cfg.data.prompts_per_step * A.mixed_fraction
     else:
         train_seqs = samples

@@ -88,7 +88,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-# Logging parity with the reference trainer (OREAL.md §11, [T:L901-931]): our metric key -> its name.
+# Logging parity with the reference trainer (docs/algorithm.md §11, [train_oreal.py:L901-931]): our metric key -> its name.
 # The trainer logs these keys; the console line and TensorBoard read them from here.
 REFERENCE_METRICS: dict[str, str] = {
     "reward/mean": "avg_judger_reward",

@@ -1,6 +1,6 @@
 """Find the final answer in a model response.
 
-Follows OREAL's judge (OREAL.md §5.1 steps 1-3): drop the reasoning before the last `<conclude>`,
+Follows OREAL's judge (docs/algorithm.md §5.1 steps 1-3): drop the reasoning before the last `<conclude>`,
 `**Final Answer**` and `</think>` (in that order), then take the last `\\boxed{}` with brace
 matching, else "the (final) answer is ..." / "Answer \\[ .. \\]", else a short bare answer, else
 the last maths span (`$..$`, `\\(..\\)`) when no number follows it, else the last number. Every scan here is linear in the
@@ -36,7 +36,7 @@ _BRACE_RE = re.compile(r"(?<!\\)[{}]")  # `\{` and `\}` are literal braces, not 
 
 
 def strip_reasoning(text: str, stop_word: str | None = None) -> str:
-    """OREAL.md §5.1 step 2: keep what follows the last reasoning marker, then drop the stop word."""
+    """docs/algorithm.md §5.1 step 2: keep what follows the last reasoning marker, then drop the stop word."""
     for marker in REASONING_MARKERS:
         if marker in text:
             text = text.rsplit(marker, 1)[1]
@@ -46,7 +46,7 @@ def strip_reasoning(text: str, stop_word: str | None = None) -> str:
 
 
 def is_truncated(text: str, stop_word: str) -> bool:
-    """OREAL.md §5.1 step 1: a response that does not end with the stop word was cut off."""
+    """docs/algorithm.md §5.1 step 1: a response that does not end with the stop word was cut off."""
     return not text.strip().endswith(stop_word)
 
 

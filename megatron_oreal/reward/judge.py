@@ -1,6 +1,6 @@
 """`verify(solution, gold) -> bool` and the reason-giving `judge` the worker pool runs.
 
-Order follows OREAL.md §5.1: truncation check, strip the reasoning, extract, then compare (a cheap
+Order follows docs/algorithm.md §5.1: truncation check, strip the reasoning, extract, then compare (a cheap
 exact pass first, structure and sympy after). An LLM judge, if any, is the caller's business
 (`llm_judge.py`); it is asked only when this says wrong.
 """

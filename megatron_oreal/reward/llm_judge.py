@@ -1,6 +1,6 @@
 """Optional LLM verifier over an OpenAI-compatible `/v1/chat/completions` endpoint (stdlib only).
 
-OREAL.md §5.1 step 4: asked only when the rules say wrong; it sees the question, the gold answer and
+docs/algorithm.md §5.1 step 4: asked only when the rules say wrong; it sees the question, the gold answer and
 the post-reasoning response; sampling as in OREAL's judge; "A" alone means correct. Any failure
 (network, HTTP error, malformed reply, ambiguous verdict) counts as wrong: the LLM may only rescue
 false negatives, never create doubt.
@@ -35,7 +35,7 @@ no final answer, it is incorrect. Judge only the final answer, not the reasoning
 
 Reply with a single letter: A: CORRECT, or B: INCORRECT."""
 
-# OREAL.md §5.1: temperature 0, top_p 0.8, top_k 20, repetition_penalty 1.05, max_tokens 100.
+# docs/algorithm.md §5.1: temperature 0, top_p 0.8, top_k 20, repetition_penalty 1.05, max_tokens 100.
 SAMPLING = {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 100}
 
 

@@ -94,7 +94,7 @@ class _Worker:
 class Verifier:
     """A pool of `workers` processes; `timeout` seconds per case, then the worker is killed.
 
-    `stop_word`: OREAL.md §5.1 truncation rule (a response not ending with it is `truncated`).
+    `stop_word`: docs/algorithm.md §5.1 truncation rule (a response not ending with it is `truncated`).
     `llm_judge`: optional `LLMJudge`, asked only for cases the rules call wrong or answerless.
     `strict_hedging`: score a final part with an earlier differing `\\boxed{}` wrong; default False
     scores the last box only (the paper's released judge; see `judge._prepare`).
@@ -209,7 +209,7 @@ class Verifier:
         self._workers[self._workers.index(w)] = fresh
 
     def _rescue(self, cases: list[Case], results: list[Result]) -> list[Result]:
-        """OREAL.md §5.1 step 4: the LLM can only turn a rule-negative into a positive."""
+        """docs/algorithm.md §5.1 step 4: the LLM can only turn a rule-negative into a positive."""
         asks = [i for i, r in enumerate(results) if r.reason in ("wrong", "no_answer")]
         if not asks:
             return results

@@ -1,8 +1,8 @@
 """The rollout-engine protocol: what the trainer asks of any sampler (CPU loop or SGLang).
 
 The protocol is deliberately narrow (DESIGN.md decision 5): token ids in, token ids out, HF-named
-tensors for weight sync. Log-probs returned by an engine are diagnostics only; the loss always uses
-log-probs recomputed by Megatron.
+tensors for weight sync. The loss always uses log-probs recomputed by Megatron; an engine's log-probs
+are logged against them and, with algo.rollout_correction=tis, give truncated importance weights.
 
 Seeds: an engine derives one random stream per (sampling.seed, prompt position in the call, sample
 index), so the outputs of a call do not depend on how the engine splits it into batches. The trainer
@@ -33,7 +33,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # generation of any of these ends a sample ("stop")
     seed: int = 0
     # 0 = no cap; else a prompt of length L gets min(max_new_tokens, max_total_length - L) new tokens,
-    # the reference's `max_length=16384` (OREAL.md §4.2 step 2).
+    # the reference's `max_length=16384` (docs/algorithm.md §4.2 step 2).
     max_total_length: int = 0
     return_logprobs: bool = False  # per-token sampler log-probs (temperature-scaled, before top-p/k)
 
@@ -78,7 +78,7 @@ class SamplingParams:
 
     @classmethod
     def greedy_eval(cls, max_new_tokens: int, stop_token_ids: Sequence[int], max_total_length: int = 0) -> "SamplingParams":
-        """Evaluation protocol (OREAL.md §5.2): greedy, one sample per prompt."""
+        """Evaluation protocol (docs/algorithm.md §5.2): greedy, one sample per prompt."""
         return cls(n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                    stop_token_ids=tuple(stop_token_ids), max_total_length=max_total_length)
 

@@ -135,7 +135,7 @@ def behaviour(workdir: str) -> None:
     policy_dir = os.path.join(workdir, "policy")
     tp = int(os.environ["WORLD_SIZE"])  # TP=2 on 2 ranks: exercises the vocab-parallel CE
 
-    # 1) step 0, zero-init head, reference == policy: every policy gradient is exactly 0 (OREAL.md §8.1 item 4)
+    # 1) step 0, zero-init head, reference == policy: every policy gradient is exactly 0 (docs/algorithm.md §8.1 item 4)
     layout, policy, rm, reference = _setup(tp, 1, hf_cfg, policy_dir, rm_head=torch.zeros(1, hf_cfg["hidden_size"]))
     algo = AlgoConfig(actor_freeze_steps=0)
     trainer = OrealTrainer(policy, rm, reference, layout, algo, OptimConfig(lr=1e-3, warmup_steps=0),

@@ -1,6 +1,6 @@
 """Plain single-process PyTorch OREAL step on `transformers` models: the oracle for the Megatron path.
 
-Written straight from OREAL.md §8 (the Megatron-oriented pseudocode of [T:L633-866]), one sequence at a
+Written straight from docs/algorithm.md §8 (the Megatron-oriented pseudocode of [train_oreal.py:L633-866]), one sequence at a
 time, unpacked, with the full-vocabulary log-softmax, and without importing megatron_oreal.algo: the
 parity test then checks the sharded implementation against an independent one.
 

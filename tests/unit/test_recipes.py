@@ -1,7 +1,7 @@
 """GPU recipes (examples/*.yaml), the FP8 config mapping, and the train/rollout log-prob mismatch.
 
 The recipes cannot run here (no GPU), so they are checked the way a user first meets them: they load
-with no unknown key, carry OREAL.md §4.3's hyper-parameters exactly, and fit an H100-80GB per the
+with no unknown key, carry docs/algorithm.md §4.3's hyper-parameters exactly, and fit an H100-80GB per the
 planner (observability/plan.py). The FP8 mapping is checked against megatron-core's own
 TransformerConfig validation (no TE needed). The log-prob check runs the real chain on the CPU: a
 tiny HF checkpoint -> Megatron policy -> (weights changed) -> weight sync -> CPU engine samples at
@@ -35,7 +35,7 @@ def test_recipe_has_oreal_hyperparameters(name):
     cfg = load_config(EXAMPLES / name)  # unknown keys / bad values raise ConfigError
     gpus, _, tp, system = RECIPES[name]
     s, a = cfg.rollout.sampling, cfg.algo
-    # OREAL.md §4.3 (identical for 7B, 32B and DSR1)
+    # docs/algorithm.md §4.3 (identical for 7B, 32B and DSR1)
     assert cfg.steps == 90 and cfg.seed == 0
     assert (cfg.data.prompts_per_step, s.n) == (64, 16)
     assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.max_total_length) == (1.0, 0.9, 0, 14000, 16384)

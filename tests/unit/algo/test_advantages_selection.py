@@ -1,4 +1,4 @@
-"""RLOO / GRPO / REINFORCE and the 1+1 selection against OREAL.md §8.1 items 1-2."""
+"""RLOO / GRPO / REINFORCE and the 1+1 selection against docs/algorithm.md §8.1 items 1-2."""
 
 import math
 

@@ -30,7 +30,7 @@ def test_row_layout_and_alignment():
     assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
     assert mb.labels.tolist() == [[2, 3, 4, 5, 0, 7, 8, 9, 0, 11, 12, 0]]
-    # P-1 .. P+R-2 of each sequence predict its R response tokens (OREAL.md §8.1 item 7)
+    # P-1 .. P+R-2 of each sequence predict its R response tokens (docs/algorithm.md §8.1 item 7)
     assert mb.loss_mask.int().tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0]]
     assert mb.labels[mb.loss_mask].tolist() == [4, 5, 7, 8, 9, 12]
     assert mb.cu_seqlens.tolist() == [0, 5, 9, 12] and mb.resp_cu_seqlens.tolist() == [0, 2, 5, 6]
@@ -67,7 +67,7 @@ def test_micro_batches_counts_and_empty_share():
 
 
 def test_loss_sum_over_micro_batches_equals_whole_batch():
-    """Global denominators make the split irrelevant (OREAL.md §8.1 item 8), here on the pure loss."""
+    """Global denominators make the split irrelevant (docs/algorithm.md §8.1 item 8), here on the pure loss."""
     b = _batch()
     g = torch.Generator().manual_seed(0)
     logp_of = {i: -torch.rand(len(s.response_ids), generator=g) for i, s in enumerate(b.sequences)}

@@ -1,4 +1,4 @@
-"""Token weights, losses and the LR schedule against OREAL.md §8.1 items 3-9 and §4.3."""
+"""Token weights, losses and the LR schedule against docs/algorithm.md §8.1 items 3-9 and §4.3."""
 
 import math
 from dataclasses import replace
@@ -143,3 +143,27 @@ def test_ablation_presets_are_valid_config_overrides():
         for key, value in ABLATIONS[name].items():
             assert getattr(cfg.algo, key) == value, (name, key)
     assert ABLATIONS["oreal"] == {k: getattr(AlgoConfig(), k) for k in ABLATIONS["oreal"]}  # full OREAL = defaults
+    # The authors: the "+ reward shaping" row is GRPO-style shaping applied to all samples (docs/algorithm.md §6.2)
+    assert ABLATIONS["reward_shaping"] == ABLATIONS["grpo"]
+    assert ABLATIONS["reward_shaping"]["advantage"] == "grpo" and ABLATIONS["reward_shaping"]["selection"] == "all"
+
+
+def test_kl_normalizer_all_vs_negative_by_hand():
+    # One positive sequence of 1 token, one negative of 2 tokens: N = 3, N⁻ = 2. δ = ref − logp is 0 on the
+    # positive token and ln 2 on both negative ones, so k3 = e^δ − δ − 1 is 0 and 1 − ln 2 (= 0.306853).
+    cu = torch.tensor([0, 1, 3])
+    ref = torch.tensor([-1.0, -1.0 + math.log(2.0), -2.0 + math.log(2.0)])
+    for normalizer, den in (("all", 3.0), ("negative", 2.0)):
+        logp = torch.tensor([-1.0, -1.0, -2.0], requires_grad=True)
+        cfg = replace(CFG, negative_loss_factor=0.0, positive_loss_factor=0.0, kl_coef=0.1, kl_normalizer=normalizer)
+        z = torch.zeros(3)
+        loss, m = policy_loss(logp, ref, cu, torch.zeros(2), torch.tensor([True, False]), z, z, 1, 2, 3, cfg)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.1 * 2 * (1 - math.log(2.0)) / den, abs=1e-7)
+        assert m["loss/kl"].item() == pytest.approx(loss.item())
+        # ∂/∂logp of β·k3/den = β(1 − e^δ)/den: 0 where δ = 0, −β/den where e^δ = 2
+        assert logp.grad.tolist() == pytest.approx([0.0, -0.1 / den, -0.1 / den], abs=1e-7)
+    assert AlgoConfig().kl_normalizer == "all"  # the reference HEAD (2859cc0) divides by N
+    assert load_config(None, ["algo.kl_normalizer=negative"]).algo.kl_normalizer == "negative"
+    with pytest.raises(ValueError, match="algo.kl_normalizer"):
+        load_config(None, ["algo.kl_normalizer=pos"])

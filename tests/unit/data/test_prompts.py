@@ -83,7 +83,7 @@ def test_difficulty_balancing_counts():
     out = balance_difficulty(prompts)
     counts = {p.uid: sum(q.uid.split("#")[0] == p.uid for q in out) for p in prompts}
     assert [q.uid for q in out[:7]] == ["p0", "p0#2", "p0#3", "p0#4", "p0#5", "p0#6", "p1"]  # distinct uids
-    # OREAL.md §4.1: [0,.2) 6x, [.2,.4) 4x, [.4,.6) 4x, [.6,.8) 2x, >= .8 dropped; half-open intervals
+    # docs/algorithm.md §4.1: [0,.2) 6x, [.2,.4) 4x, [.4,.6) 4x, [.6,.8) 2x, >= .8 dropped; half-open intervals
     assert list(counts.values()) == [6, 6, 4, 4, 4, 4, 2, 2, 0, 0] and len(out) == 32
     out[0].meta["x"] = 1
     assert "x" not in out[1].meta and "x" not in prompts[0].meta  # copies, not aliases
@@ -162,3 +162,22 @@ def test_from_config_templates_tokenises_and_balances(tmp_path):
     assert e.input_ids == p.input_ids and e.meta == {"pass_rate": 0.1}
     with pytest.raises(DataError, match="'builtin:arith' is not a JSONL file"):
         PromptStream.from_config(DataConfig(train_file="builtin:arith"))
+
+
+def test_difficulty_balance_is_the_recipe_default(tmp_path):
+    # The reference 7B recipe balances by pass_rate ([C7] data_difficulty_balance_cfg), so the default does too.
+    assert DataConfig().difficulty_balance is True
+    rated = _write(tmp_path / "rated.jsonl", [{"question": "1+2", "gold_answer": "3", "pass_rate": 0.3},
+                                              {"question": "2*3", "gold_answer": "6", "pass_rate": 0.85}])
+    assert [p.uid for p in PromptStream.from_config(DataConfig(train_file=str(rated), prompts_per_step=1)).prompts] \
+        == ["rated.jsonl:1", "rated.jsonl:1#2", "rated.jsonl:1#3", "rated.jsonl:1#4"]  # 4x, the 0.85 row dropped
+    # A file with no pass_rate at all (the built-in tasks) is used as is, with a warning naming the key.
+    plain = _write(tmp_path / "plain.jsonl", [{"question": "1+2", "gold_answer": "3"}, {"question": "4", "gold_answer": "4"}])
+    with pytest.warns(UserWarning, match="data.difficulty_balance: .*plain.jsonl has no pass_rate"):
+        stream = PromptStream.from_config(DataConfig(train_file=str(plain), prompts_per_step=1))
+    assert len(stream.prompts) == 2
+    # Some rows rated and some not is a data error, as before.
+    mixed = _write(tmp_path / "mixed.jsonl", [{"question": "1+2", "gold_answer": "3", "pass_rate": 0.3},
+                                              {"question": "4", "gold_answer": "4"}])
+    with pytest.raises(DataError, match="mixed.jsonl:2: data.difficulty_balance needs a pass_rate"):
+        PromptStream.from_config(DataConfig(train_file=str(mixed), prompts_per_step=1))

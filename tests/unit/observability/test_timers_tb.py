@@ -116,6 +116,6 @@ def test_console_line():
 def test_console_fields_are_reference_metrics():
     from megatron_oreal.observability.tb import CONSOLE_FIELDS, REFERENCE_METRICS
 
-    # every loss/reward the console prints is one the reference trainer logs (OREAL.md §11)
+    # every loss/reward the console prints is one the reference trainer logs (docs/algorithm.md §11)
     assert {k for k, _, _ in CONSOLE_FIELDS if k.startswith(("loss/", "reward/", "kl/"))} <= set(REFERENCE_METRICS)
     assert REFERENCE_METRICS["loss/token_rm"] == "token_level_rm_loss"

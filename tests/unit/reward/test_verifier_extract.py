@@ -1,4 +1,4 @@
-"""Answer extraction (OREAL.md §5.1 steps 1-3)."""
+"""Answer extraction (docs/algorithm.md §5.1 steps 1-3)."""
 
 import time
 
