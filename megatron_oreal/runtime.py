@@ -114,7 +114,10 @@ class Run:
         self.engine = self.verifier = None
         if self.comm.is_engine_rank:
             self._start_engine()
-        self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        from megatron_oreal.rollout.stops import default_stop_ids
+
+        # eos + the chat template's end-of-turn token + generation_config's end tokens (rollout/stops.py)
+        self.stop_ids = default_stop_ids(self.tokenizer, cfg.policy.hf_path)
         self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
                                             barrier=torch.distributed.barrier)
         self.timer = StageTimer()

@@ -257,7 +257,7 @@ class CPUEngine:
                     rows, key_mask, next_pos, live = rows[keep], key_mask[keep], next_pos[keep], live[keep]
                     token, uniforms = token[keep], uniforms[keep]
                 kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
-                logits = self.model(input_ids=token[:, None], attention_mask={"full_attention": key_mask[..., :kv_len]},
+                logits = self.model(input_ids=token[:, None], attention_mask=key_mask[..., :kv_len],
                                     position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1]
                 next_pos = next_pos + 1
@@ -308,7 +308,7 @@ class CPUEngine:
         positions = (torch.arange(width)[None, :] - pad[:, None]).clamp_(min=0)
         cache = DynamicCache()
         cache.layers = [_PreallocLayer(width + max_new) for _ in range(self.model.config.num_hidden_layers)]
-        logits = self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
