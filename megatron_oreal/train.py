@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -89,6 +91,19 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         r.close()
 
 
+def check_model_layout(cfg) -> None:
+    """ConfigError when policy.hf_path's heads/layers do not allow parallel.tensor x parallel.pipeline."""
+    from megatron_oreal.mcore.hf_config import check_layout
+
+    path = Path(cfg.policy.hf_path) / "config.json"
+    if not path.is_file():
+        return  # Run reports a missing model with its own message
+    try:
+        check_layout(json.loads(path.read_text()), cfg.parallel.tensor, cfg.parallel.pipeline, where=str(path))
+    except ValueError as exc:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} parallel.pipeline={cfg.parallel.pipeline}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_oreal train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_model_layout(cfg)
+    except ConfigError as exc:  # before any process group: one line from rank 0, no worker traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         summary = run(cfg, max_steps=args.max_steps)
