@@ -64,7 +64,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from megatron_oreal.checkpoint.hf_io import load_hf_weights
-        from megatron_oreal.data.prompts import PromptStream, load_eval_prompts
+        from megatron_oreal.data.prompts import PromptStream, check_prompt_lengths, load_eval_prompts
         from megatron_oreal.mcore import parallel
         from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
         from megatron_oreal.mcore.train_step import OrealTrainer
@@ -85,6 +85,10 @@ class Run:
         # Data first: a bad prompt file should fail before minutes of model building.
         self.prompts = PromptStream.from_config(cfg.data, self.tokenizer, dp_rank=layout.dp_rank, dp_size=layout.dp)
         self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
+        max_pos = int(self.hf_config.get("max_position_embeddings") or 0)
+        check_prompt_lengths(self.prompts.prompts, cfg.rollout.sampling.max_total_length, max_pos,
+                             "rollout.sampling")
+        check_prompt_lengths(self.eval_prompts, cfg.rollout.sampling.max_total_length, max_pos, "rollout.sampling")
 
         t0 = time.time()
         kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8)

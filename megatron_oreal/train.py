@@ -48,6 +48,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
         for step in range(start, end):
             t0 = time.perf_counter()
+            r.timer.step_start()  # time/step excludes start-up (initial sync, step-0 eval) and evals/saves
             with r.timer.stage("rollout"):
                 groups = r.rollout(next(r.prompts), step)
             with r.timer.stage("selection"):
@@ -59,7 +60,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
                     metrics = r.trainer.update(batch, step)
                 else:  # every group all-correct or all-wrong: nothing to learn from, the LR still follows the step
                     metrics = {"skipped": 1.0}
-                    log(f"step {step + 1}: no prompt with both correct and incorrect samples; update skipped", r.rank)
+                    log(f"step {step + 1}: update skipped: {nothing_to_learn(groups, cfg.algo.selection)}", r.rank)
             r.check_finite(step, metrics)
             fault_point("sync", step)
             with r.timer.stage("weight_sync"):
@@ -89,6 +90,20 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         return summary
     finally:
         r.close()
+
+
+def nothing_to_learn(groups: list, selection: str) -> str:
+    """Why a step had no training sequence, with the counts a user needs to fix the settings."""
+    wrong = sum(g.pass_rate == 0 for g in groups)
+    right = sum(g.pass_rate == 1 for g in groups)
+    samples = [s for g in groups for s in g.samples]
+    cut = sum(s.finish_reason == "length" for s in samples)
+    text = (f"{wrong} of {len(groups)} groups all wrong, {right} all correct; {cut} of {len(samples)} samples hit "
+            "the token limit")
+    if selection == "one_pair" and wrong:
+        text += ("; OREAL's 1+1 selection drops all-wrong groups: for a weak model use easier prompts, more "
+                 "samples (rollout.sampling.n) or more tokens (rollout.sampling.max_new_tokens)")
+    return text
 
 
 def check_model_layout(cfg) -> None:

@@ -169,6 +169,8 @@ class CPUEngine:
         self.max_batch_rows = max_batch_rows
         self.threads = threads
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        # rotary positions past this were never trained: responses are cut there ("length")
+        self.max_position = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self._params = dict(self.model.named_parameters())
         self._params.update(dict(self.model.named_buffers()))
         self._closed = False
@@ -183,6 +185,9 @@ class CPUEngine:
             bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"CPUEngine.generate: prompt {i} has token ids {bad[:5]} outside the vocab [0, {self.vocab_size})")
+            if self.max_position and len(p) >= self.max_position:
+                raise ValueError(f"CPUEngine.generate: prompt {i} is {len(p)} tokens; the model's "
+                                 f"max_position_embeddings is {self.max_position}")
         per_chunk = max(1, self.max_batch_rows // sampling.n)
         results: list[list[GenOutput]] = []
         old_threads = torch.get_num_threads()
@@ -235,7 +240,8 @@ class CPUEngine:
     def _generate_chunk(self, prompts: list[list[int]], first_index: int, sp: SamplingParams) -> list[list[GenOutput]]:
         n, num = sp.n, len(prompts)
         lens = torch.tensor([len(p) for p in prompts])
-        budgets = torch.tensor([sp.budget(len(p)) for p in prompts]).repeat_interleave(n)
+        cap = self.max_position or 1 << 62
+        budgets = torch.tensor([min(sp.budget(len(p)), cap - len(p)) for p in prompts]).repeat_interleave(n)
         outputs = [[GenOutput([], "length", [] if sp.return_logprobs else None) for _ in range(n)] for _ in range(num)]
         max_new = int(budgets.max())
         if max_new == 0:
