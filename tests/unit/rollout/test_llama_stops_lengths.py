@@ -72,7 +72,7 @@ def test_prompt_length_errors_name_the_prompt():
 def test_layout_errors_list_the_possible_sizes():
     smol = {"num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30}
     check_layout(smol, 3, 2)
-    with pytest.raises(ValueError, match="tensor parallel size 2 .* heads=9 .*heads=3; possible sizes: 1, 3$"):
+    with pytest.raises(ValueError, match="tensor parallel size 2 .*heads=9 .*heads=3; possible sizes: 1, 3$"):
         check_layout(smol, 2, 1)
     with pytest.raises(ValueError, match="pipeline size 4 must divide num_hidden_layers=30; possible sizes: 1, 2, 3, 5, 6, 10, 15, 30$"):
         check_layout(smol, 1, 4)
