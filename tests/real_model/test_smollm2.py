@@ -61,3 +61,28 @@ def test_eval_cli_greedy_equals_transformers_generate(smollm2, tmp_path):
     # flip one response in a few. Most must be identical, and every one must be a real response.
     assert same >= 18, [(a, b) for a, b in zip(ours, ref_text) if a != b][:3]
     assert all(len(r) > 0 for r in ours)
+
+
+def test_two_rl_steps_at_tp3_update_the_policy(smollm2, tmp_path):
+    """2 OREAL steps at TP=3 (SmolLM2's 9 heads / 3 KV heads): rollout, reward, selection, train, weight
+    sync, eval, checkpoint and HF export all run, and the exported policy differs from the start."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.tiny_run import exported_weights
+    from helpers.torchrun import run_torchrun
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", f"policy.hf_path={smollm2}", "steps=2", "parallel.tensor=3",
+                 "data.prompts_per_step=2", "rollout.sampling.n=8", "rollout.sampling.max_new_tokens=24",
+                 "algo.actor_freeze_steps=0", "policy.optim.warmup_steps=1", "token_rm.optim.warmup_steps=1",
+                 "policy.optim.lr=1.0e-5", "data.eval_limit=2", "eval.max_new_tokens=16", "eval.every=0",
+                 "checkpoint.every=0", "log.html_every=0"]
+    out = run_torchrun(REPO / "megatron_oreal/__main__.py", 3, ["train", REPO / "examples/smollm2/oreal.yaml", *overrides],
+                       timeout=900)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2, out[-2000:]
+    start = load_file(smollm2 / "model.safetensors")
+    end = exported_weights(run_dir)
+    changed = [k for k in start if k in end and not torch.equal(start[k], end[k])]
+    assert all(torch.isfinite(v).all() for v in end.values())
+    assert len(changed) > 0.5 * len(start), f"only {len(changed)} of {len(start)} tensors changed: no real update"
