@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="predictions JSONL (default: <model>/eval_<data>.jsonl)")
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from megatron_oreal.data.prompts import DataError, check_prompt_lengths, load_eval_set
-    from megatron_oreal.data.templates import TemplateError, tokenize_prompts
+    from megatron_oreal.data.templates import TemplateError, load_tokenizer, tokenize_prompts
     from megatron_oreal.reward.pool import Verifier
     from megatron_oreal.rollout import build_engine
     from megatron_oreal.rollout.engine import SamplingParams
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         prompts = load_eval_set(args.data, args.prompt_key, args.answer_key, limit=args.limit)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         tokenize_prompts(prompts, tokenizer, args.system_prompt, args.prompt_format)
         max_pos = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings") or 0
         check_prompt_lengths(prompts, 0, int(max_pos), "eval")

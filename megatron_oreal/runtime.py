@@ -61,10 +61,9 @@ class Run:
     """Built collectively on every rank; rank 0 logs and writes files."""
 
     def __init__(self, cfg: RunConfig):
-        from transformers import AutoTokenizer
-
         from megatron_oreal.checkpoint.hf_io import load_hf_weights
         from megatron_oreal.data.prompts import PromptStream, check_prompt_lengths, load_eval_prompts
+        from megatron_oreal.data.templates import load_tokenizer
         from megatron_oreal.mcore import parallel
         from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
         from megatron_oreal.mcore.train_step import OrealTrainer
@@ -74,7 +73,7 @@ class Run:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.hf_config = read_hf_config(cfg.policy.hf_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
+        self.tokenizer = load_tokenizer(cfg.policy.hf_path)
         self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,
                                                         timeout_minutes=cfg.parallel.timeout_minutes)
         self.rank = layout.rank

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_oreal.data.prompts import load_eval_set  # noqa: E402
-from megatron_oreal.data.templates import tokenize_prompts  # noqa: E402
+from megatron_oreal.data.templates import load_tokenizer, tokenize_prompts  # noqa: E402
 from megatron_oreal.rollout.cpu_engine import CPUEngine  # noqa: E402
 from megatron_oreal.rollout.engine import SamplingParams  # noqa: E402
 from megatron_oreal.rollout.stops import default_stop_ids  # noqa: E402
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-sampled", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = load_tokenizer(args.model)
     prompts = load_eval_set(args.data, limit=args.limit)
     tokenize_prompts(prompts, tok, "none")
     ids = [p.input_ids for p in prompts]

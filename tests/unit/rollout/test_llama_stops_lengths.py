@@ -86,3 +86,23 @@ def test_skip_reason_counts_all_wrong_groups():
     text = nothing_to_learn(groups, "one_pair")
     assert text.startswith("2 of 3 groups all wrong, 1 all correct; 3 of 6 samples hit the token limit; OREAL's 1+1")
     assert "1+1" not in nothing_to_learn(groups[2:], "one_pair")
+
+
+def test_tiny_model_tokenizer_keeps_spaces_and_its_task_ids():
+    # transformers 5 would load examples/tiny/model as Qwen2Tokenizer (from config.json's model_type),
+    # which drops every space; load_tokenizer honours the folder's generic class. The tiny task's
+    # texts have no spaces, so its ids are the same either way.
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from megatron_oreal.data.templates import load_tokenizer
+
+    model = Path(__file__).resolve().parents[3] / "examples/tiny/model"
+    tok = load_tokenizer(model)
+    text = "Compute 3 + 4 * 2. The answer is \\boxed{11}"
+    assert tok.decode(tok.encode(text)) == text
+    auto = AutoTokenizer.from_pretrained(model)
+    chat = [{"role": "user", "content": "2-0+7"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == auto.apply_chat_template(chat, add_generation_prompt=True)
+    assert tok.encode("2+7=9\\boxed{9}") == auto.encode("2+7=9\\boxed{9}")
