@@ -128,10 +128,24 @@ def filter_probs(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.
     probs = torch.softmax(scaled, dim=-1)
     if sampling.top_p >= 1.0:
         return probs, None
-    probs, order = torch.sort(probs, dim=-1, descending=True)
+    probs, order = _sorted_head(probs, sampling.top_p)
     mass_above = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_above >= sampling.top_p, 0.0)
     return probs, order
+
+
+TOP_P_HEAD = 512  # candidates tried before a full sort: a 49k-vocabulary sort per row per step is the cost
+
+
+def _sorted_head(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs sorted descending with their token ids, cut to the first TOP_P_HEAD when those already
+    hold >= top_p of every row's mass (then the nucleus lies inside them: the result is the same as a
+    full sort's). Small vocabularies, or a flat row, take the full sort."""
+    if probs.shape[-1] > 4 * TOP_P_HEAD:
+        head, order = torch.topk(probs, TOP_P_HEAD, dim=-1)
+        if bool((head.sum(dim=-1) >= top_p).all()):
+            return head, order
+    return torch.sort(probs, dim=-1, descending=True)
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples/smollm2/data/gsm8k_test_first50.jsonl"
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+# 2 idle cores: ~1 min (eval) and a few minutes (RL); the limit is generous for a loaded machine
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="session")

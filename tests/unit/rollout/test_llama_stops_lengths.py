@@ -106,3 +106,21 @@ def test_tiny_model_tokenizer_keeps_spaces_and_its_task_ids():
     chat = [{"role": "user", "content": "2-0+7"}]
     assert tok.apply_chat_template(chat, add_generation_prompt=True) == auto.apply_chat_template(chat, add_generation_prompt=True)
     assert tok.encode("2+7=9\\boxed{9}") == auto.encode("2+7=9\\boxed{9}")
+
+
+def test_top_p_head_shortcut_keeps_the_nucleus_of_a_full_sort():
+    from megatron_oreal.rollout.cpu_engine import TOP_P_HEAD, filter_probs
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 8 * TOP_P_HEAD
+    peaked = torch.randn(3, vocab, generator=g) * 6  # a trained model's peaked rows: the head holds the nucleus
+    flat = torch.randn(1, vocab, generator=g) * 0.1  # a flat row: the head cannot; full sort
+    for logits in (peaked, flat, torch.cat([peaked, flat])):
+        sp = SamplingParams(temperature=1.0, top_p=0.9)
+        probs, order = filter_probs(logits, sp)
+        ref = torch.softmax(logits, dim=-1)
+        kept = torch.zeros_like(ref).scatter_(1, order, (probs > 0).float()).bool()
+        srt, idx = torch.sort(ref, dim=-1, descending=True)
+        ref_kept = torch.zeros_like(ref).scatter_(1, idx, ((torch.cumsum(srt, -1) - srt) < 0.9).float()).bool()
+        assert torch.equal(kept, ref_kept)
+        assert torch.allclose(probs.sum(-1), (ref * ref_kept).sum(-1))
