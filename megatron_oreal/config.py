@@ -47,7 +47,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 14000
     max_total_length: int = 16384
-    stop_token_ids: list[int] = field(default_factory=list)  # [] = the tokenizer's eos
+    stop_token_ids: list[int] = field(default_factory=list)  # [] = eos + template end-of-turn + generation_config ends (rollout/stops.py)
     seed: int = 0
 
 

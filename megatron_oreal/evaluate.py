@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-format", default="chat", help="'chat' or a format string with {prompt}")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    parser.add_argument("--stop-token-ids", default="",
+                        help="comma-separated ids that end a response (default: eos + the chat template's "
+                             "end-of-turn token + generation_config.json's end tokens)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--engine", default="cpu", choices=["cpu", "sglang"])
     parser.add_argument("--workers", type=int, default=2, help="verifier worker processes")
@@ -32,13 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="predictions JSONL (default: <model>/eval_<data>.jsonl)")
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from megatron_oreal.data.prompts import DataError, load_eval_set
-    from megatron_oreal.data.templates import TemplateError, tokenize_prompts
+    from megatron_oreal.data.prompts import DataError, check_prompt_lengths, load_eval_set
+    from megatron_oreal.data.templates import TemplateError, load_tokenizer, tokenize_prompts
     from megatron_oreal.reward.pool import Verifier
     from megatron_oreal.rollout import build_engine
     from megatron_oreal.rollout.engine import SamplingParams
+    from megatron_oreal.rollout.stops import default_stop_ids
     from megatron_oreal.stages import Comm, evaluate
 
     if not (Path(args.model) / "config.json").is_file():
@@ -46,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         prompts = load_eval_set(args.data, args.prompt_key, args.answer_key, limit=args.limit)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         tokenize_prompts(prompts, tokenizer, args.system_prompt, args.prompt_format)
+        max_pos = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings") or 0
+        check_prompt_lengths(prompts, 0, int(max_pos), "eval")
     except (DataError, TemplateError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        stops = [int(t) for t in args.stop_token_ids.split(",") if t.strip()] or default_stop_ids(tokenizer, args.model)
+    except ValueError as exc:
+        print(f"error: --stop-token-ids {args.stop_token_ids!r}: {exc}", file=sys.stderr)
+        return 2
     sampling = SamplingParams.greedy_eval(args.max_new_tokens, stops)
     engine = build_engine(args.engine, args.model, tokenizer)
     t0 = time.time()

@@ -83,14 +83,13 @@ class Run:
     """Built collectively on every rank; rank 0 logs and writes files."""
 
     def __init__(self, cfg: RunConfig):
-        from transformers import AutoTokenizer
-
+        from megatron_oreal.data.templates import load_tokenizer
         from megatron_oreal.mcore import parallel
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.hf_config = read_hf_config(cfg.policy.hf_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
+        self.tokenizer = load_tokenizer(cfg.policy.hf_path)
         self.layout = layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,
                                                         timeout_minutes=cfg.parallel.timeout_minutes)
         self.rank = layout.rank
@@ -119,7 +118,7 @@ class Run:
 
     def _build(self, cfg: RunConfig, layout) -> None:
         from megatron_oreal.checkpoint.hf_io import load_hf_weights
-        from megatron_oreal.data.prompts import PromptStream, load_eval_prompts
+        from megatron_oreal.data.prompts import PromptStream, check_prompt_lengths, load_eval_prompts
         from megatron_oreal.mcore import parallel
         from megatron_oreal.mcore.model import ReferenceWeights, build_policy, build_token_rm
         from megatron_oreal.mcore.train_step import OrealTrainer
@@ -133,6 +132,10 @@ class Run:
         # Data first: a bad prompt file should fail before minutes of model building.
         self.prompts = PromptStream.from_config(cfg.data, self.tokenizer, dp_rank=layout.dp_rank, dp_size=layout.dp)
         self.eval_prompts = load_eval_prompts(cfg.data, self.tokenizer) if cfg.data.eval_file else []
+        max_pos = int(self.hf_config.get("max_position_embeddings") or 0)
+        check_prompt_lengths(self.prompts.prompts, cfg.rollout.sampling.max_total_length, max_pos,
+                             "rollout.sampling")
+        check_prompt_lengths(self.eval_prompts, cfg.rollout.sampling.max_total_length, max_pos, "rollout.sampling")
 
         t0 = time.time()
         kw = dict(dtype=cfg.policy.dtype, fp8=cfg.policy.fp8, allow_local_spec=cfg.policy.allow_local_spec)
@@ -170,7 +173,10 @@ class Run:
         )
         self.engine = self.verifier = None
         self.start_engines()
-        self.stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        from megatron_oreal.rollout.stops import default_stop_ids
+
+        # eos + the chat template's end-of-turn token + generation_config's end tokens (rollout/stops.py)
+        self.stop_ids = default_stop_ids(self.tokenizer, cfg.policy.hf_path)
         self.checkpointer = RunCheckpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=self.rank,
                                             barrier=torch.distributed.barrier, world=layout.world_size,
                                             all_gather=all_gather_object)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_oreal.config import ConfigError, RunConfig, load_config
 from megatron_oreal.data.prompts import DataError
-from megatron_oreal.data.templates import TemplateError
+from megatron_oreal.data.templates import TemplateError, load_tokenizer
 from megatron_oreal.types import TrainBatch, TrainSequence
 
 
@@ -57,8 +57,6 @@ def batches(data: list[TrainSequence], batch_size: int, seed: int, start_step: i
 
 
 def run_sft(cfg: RunConfig) -> dict:
-    from transformers import AutoTokenizer
-
     from megatron_oreal.checkpoint.gather import export_hf
     from megatron_oreal.checkpoint.hf_io import load_hf_weights
     from megatron_oreal.mcore import optim, parallel
@@ -68,7 +66,7 @@ def run_sft(cfg: RunConfig) -> dict:
 
     s = cfg.sft
     hf_config = read_hf_config(cfg.policy.hf_path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.hf_path)
+    tokenizer = load_tokenizer(cfg.policy.hf_path)
     # The data first: a bad pair file fails before any process group or model exists.
     data = load_pairs(s.train_file, tokenizer, s.prompt_key, s.response_key, cfg.data.system_prompt, s.add_eos)
     layout = parallel.init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.seed,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -51,6 +53,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
         for step in range(start, end):
             t0 = time.perf_counter()
+            r.timer.step_start()  # time/step excludes start-up (initial sync, step-0 eval) and evals/saves
             with r.timer.stage("rollout"):
                 groups = r.rollout(next(r.prompts), step)
             with r.timer.stage("selection"):
@@ -62,7 +65,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
                     metrics = r.trainer.update(batch, step)
                 else:  # every group all-correct or all-wrong: nothing to learn from, the LR still follows the step
                     metrics = {"skipped": 1.0}
-                    log(f"step {step + 1}: no prompt with both correct and incorrect samples; update skipped", r.rank)
+                    log(f"step {step + 1}: update skipped: {nothing_to_learn(groups, cfg.algo.selection)}", r.rank)
             r.check_finite(step, metrics)
             fault_point("sync", step)
             with r.timer.stage("weight_sync"):
@@ -106,6 +109,33 @@ def _disk_full_line(exc: BaseException, run_dir: str) -> str:
     return str(disk_full_error(path, f"{intact}; free space and rerun the same command to resume"))
 
 
+def nothing_to_learn(groups: list, selection: str) -> str:
+    """Why a step had no training sequence, with the counts a user needs to fix the settings."""
+    wrong = sum(g.pass_rate == 0 for g in groups)
+    right = sum(g.pass_rate == 1 for g in groups)
+    samples = [s for g in groups for s in g.samples]
+    cut = sum(s.finish_reason == "length" for s in samples)
+    text = (f"{wrong} of {len(groups)} groups all wrong, {right} all correct; {cut} of {len(samples)} samples hit "
+            "the token limit")
+    if selection == "one_pair" and wrong:
+        text += ("; OREAL's 1+1 selection drops all-wrong groups: for a weak model use easier prompts, more "
+                 "samples (rollout.sampling.n) or more tokens (rollout.sampling.max_new_tokens)")
+    return text
+
+
+def check_model_layout(cfg) -> None:
+    """ConfigError when policy.hf_path's heads/layers do not allow parallel.tensor x parallel.pipeline."""
+    from megatron_oreal.mcore.hf_config import check_layout
+
+    path = Path(cfg.policy.hf_path) / "config.json"
+    if not path.is_file():
+        return  # Run reports a missing model with its own message
+    try:
+        check_layout(json.loads(path.read_text()), cfg.parallel.tensor, cfg.parallel.pipeline, where=str(path))
+    except ValueError as exc:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} parallel.pipeline={cfg.parallel.pipeline}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_oreal train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_model_layout(cfg)
+    except ConfigError as exc:  # before any process group: one line from rank 0, no worker traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         summary = run(cfg, max_steps=args.max_steps)

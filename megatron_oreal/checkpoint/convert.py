@@ -13,6 +13,7 @@ renamed at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,13 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_oreal.checkpoint.dist import load_model_dist, save_model_dist
     from megatron_oreal.checkpoint.gather import export_hf
     from megatron_oreal.checkpoint.hf_io import load_hf_weights
-    from megatron_oreal.mcore.hf_config import load_hf_config
+    from megatron_oreal.mcore.hf_config import check_layout, load_hf_config
     from megatron_oreal.mcore.model import build_policy
     from megatron_oreal.mcore.parallel import destroy_parallel, init_parallel
 
     t0 = time.time()
     hf_dir = args.hf if args.direction == "hf-to-mcore" else args.hf_config
     hf_config = load_hf_config(hf_dir)
+    try:
+        check_layout(hf_config, args.tp, args.pp, where=f"{hf_dir}/config.json")
+    except ValueError as exc:  # before any process group: one line from rank 0, no worker traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     layout = init_parallel(args.tp, args.pp)
     say = print if layout.rank == 0 else None
 

@@ -13,7 +13,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -132,6 +132,20 @@ def load_prompts(
         if limit and len(prompts) >= limit:
             break
     return prompts
+
+
+def check_prompt_lengths(prompts: Iterable[Prompt], max_total_length: int, max_position: int, what: str) -> None:
+    """DataError naming the first templated prompt that leaves no room for a response: one of
+    >= `max_total_length` tokens (0 = no cap) or >= the model's `max_position_embeddings`. Without
+    this such a prompt generates nothing and scores -1 silently (or generates past the position limit)."""
+    for p in prompts:
+        n = len(p.input_ids)
+        if max_total_length > 0 and n >= max_total_length:
+            raise DataError(f"{p.uid}: the templated prompt is {n} tokens, no room for a response within "
+                            f"{what} max_total_length={max_total_length}")
+        if max_position > 0 and n >= max_position:
+            raise DataError(f"{p.uid}: the templated prompt is {n} tokens; the model's max_position_embeddings "
+                            f"is {max_position}")
 
 
 def load_eval_set(path: str | Path, prompt_key: str | None = None, answer_key: str | None = None,

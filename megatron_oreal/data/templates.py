@@ -9,6 +9,8 @@ character-level task) uses a plain format string such as "{prompt}" instead.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 from megatron_oreal.types import Prompt
@@ -79,6 +81,25 @@ CHAT = "chat"  # prompt_format value: use the tokenizer's chat template
 
 class TemplateError(ValueError):
     """A prompt cannot be formatted: the message names the tokenizer folder or the format string."""
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of an HF folder, as its tokenizer.json defines it.
+
+    transformers 5 picks the class from config.json's model_type even when tokenizer_config.json names
+    the generic fast class: for the tiny model (model_type qwen2) that is Qwen2Tokenizer, which rebuilds
+    a byte-level pre-tokenizer over our character vocabulary and silently drops every space. A folder
+    that declares the generic class gets the generic class (its tokenizer.json as written)."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg_file = Path(path) / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    generic = ("TokenizersBackend", "PreTrainedTokenizerFast")
+    if declared in generic and type(tok).__name__ not in generic and (Path(path) / "tokenizer.json").is_file():
+        tok = TokenizersBackend.from_pretrained(path)
+    return tok
 
 
 def resolve_system_prompt(value: str) -> str:

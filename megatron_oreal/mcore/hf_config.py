@@ -135,6 +135,21 @@ def te_import_error(import_te: Callable[[], None] = _import_te) -> str | None:
     return None
 
 
+def check_layout(hf: dict, tp: int, pp: int, where: str = "config.json") -> None:
+    """Raise ValueError (one line) when the model cannot be split `tp` x `pp` ways; called before any
+    process group or model is built, so a bad layout is one `error:` line instead of a worker traceback."""
+    heads, kv_heads = int(hf["num_attention_heads"]), int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    layers = int(hf["num_hidden_layers"])
+    if heads % tp or kv_heads % tp:
+        ok = [t for t in range(1, kv_heads + 1) if heads % t == 0 and kv_heads % t == 0]
+        raise ValueError(f"{where}: tensor parallel size {tp} must divide num_attention_heads={heads} and "
+                         f"num_key_value_heads={kv_heads}; possible sizes: {', '.join(map(str, ok))}")
+    if layers % pp:
+        ok = [p for p in range(1, layers + 1) if layers % p == 0]
+        raise ValueError(f"{where}: pipeline size {pp} must divide num_hidden_layers={layers}; "
+                         f"possible sizes: {', '.join(map(str, ok))}")
+
+
 def te_available() -> bool:
     """Transformer Engine usable: importable AND a GPU present (TE's import itself needs CUDA libs)."""
     return torch.cuda.is_available() and te_import_error() is None

@@ -110,6 +110,14 @@ class StageTimer:
     def elapsed(self, name: str) -> float:
         return self._times.get(name, 0.0)
 
+    def step_start(self) -> None:
+        """Start a step's clock here, discarding stage times since the last step_end: work between steps
+        (the initial weight sync, the step-0 or periodic eval, checkpoints) is not any step's time."""
+        if self._active:
+            raise RuntimeError(f"StageTimer.step_start() inside stage(s) {self._active}")
+        self._times = OrderedDict()
+        self._step_start = self._clock()
+
     def step_end(self) -> dict[str, float]:
         """Metrics of the finished step: `time/<stage>`, `time/step` (wall, including untimed gaps),
         `memory/peak_gb` (then the peak is reset so the next step reports its own) and `cpu/step_s`

@@ -128,10 +128,24 @@ def filter_probs(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.
     probs = torch.softmax(scaled, dim=-1)
     if sampling.top_p >= 1.0:
         return probs, None
-    probs, order = torch.sort(probs, dim=-1, descending=True)
+    probs, order = _sorted_head(probs, sampling.top_p)
     mass_above = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_above >= sampling.top_p, 0.0)
     return probs, order
+
+
+TOP_P_HEAD = 512  # candidates tried before a full sort: a 49k-vocabulary sort per row per step is the cost
+
+
+def _sorted_head(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs sorted descending with their token ids, cut to the first TOP_P_HEAD when those already
+    hold >= top_p of every row's mass (then the nucleus lies inside them: the result is the same as a
+    full sort's). Small vocabularies, or a flat row, take the full sort."""
+    if probs.shape[-1] > 4 * TOP_P_HEAD:
+        head, order = torch.topk(probs, TOP_P_HEAD, dim=-1)
+        if bool((head.sum(dim=-1) >= top_p).all()):
+            return head, order
+    return torch.sort(probs, dim=-1, descending=True)
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -169,6 +183,8 @@ class CPUEngine:
         self.max_batch_rows = max_batch_rows
         self.threads = threads
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        # rotary positions past this were never trained: responses are cut there ("length")
+        self.max_position = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self._params = dict(self.model.named_parameters())
         self._params.update(dict(self.model.named_buffers()))
         self._closed = False
@@ -183,6 +199,9 @@ class CPUEngine:
             bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"CPUEngine.generate: prompt {i} has token ids {bad[:5]} outside the vocab [0, {self.vocab_size})")
+            if self.max_position and len(p) >= self.max_position:
+                raise ValueError(f"CPUEngine.generate: prompt {i} is {len(p)} tokens; the model's "
+                                 f"max_position_embeddings is {self.max_position}")
         per_chunk = max(1, self.max_batch_rows // sampling.n)
         results: list[list[GenOutput]] = []
         old_threads = torch.get_num_threads()
@@ -235,7 +254,8 @@ class CPUEngine:
     def _generate_chunk(self, prompts: list[list[int]], first_index: int, sp: SamplingParams) -> list[list[GenOutput]]:
         n, num = sp.n, len(prompts)
         lens = torch.tensor([len(p) for p in prompts])
-        budgets = torch.tensor([sp.budget(len(p)) for p in prompts]).repeat_interleave(n)
+        cap = self.max_position or 1 << 62
+        budgets = torch.tensor([min(sp.budget(len(p)), cap - len(p)) for p in prompts]).repeat_interleave(n)
         outputs = [[GenOutput([], "length", [] if sp.return_logprobs else None) for _ in range(n)] for _ in range(num)]
         max_new = int(budgets.max())
         if max_new == 0:
@@ -257,7 +277,7 @@ class CPUEngine:
                     rows, key_mask, next_pos, live = rows[keep], key_mask[keep], next_pos[keep], live[keep]
                     token, uniforms = token[keep], uniforms[keep]
                 kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
-                logits = self.model(input_ids=token[:, None], attention_mask={"full_attention": key_mask[..., :kv_len]},
+                logits = self.model(input_ids=token[:, None], attention_mask=key_mask[..., :kv_len],
                                     position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1]
                 next_pos = next_pos + 1
@@ -308,7 +328,7 @@ class CPUEngine:
         positions = (torch.arange(width)[None, :] - pad[:, None]).clamp_(min=0)
         cache = DynamicCache()
         cache.layers = [_PreallocLayer(width + max_new) for _ in range(self.model.config.num_hidden_layers)]
-        logits = self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)

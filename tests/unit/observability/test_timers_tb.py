@@ -119,3 +119,17 @@ def test_console_fields_are_reference_metrics():
     # every loss/reward the console prints is one the reference trainer logs (docs/algorithm.md §11)
     assert {k for k, _, _ in CONSOLE_FIELDS if k.startswith(("loss/", "reward/", "kl/"))} <= set(REFERENCE_METRICS)
     assert REFERENCE_METRICS["loss/token_rm"] == "token_level_rm_loss"
+
+
+def test_step_start_discards_work_between_steps():
+    # start-up work (initial weight sync, step-0 eval) happens before the first step: not its time
+    clock = FakeClock()
+    timer = StageTimer(clock=clock, track_memory=False)
+    with timer.stage("weight_sync"):
+        clock.t += 40.0
+    clock.t += 100.0  # step-0 eval, untimed
+    timer.step_start()
+    with timer.stage("rollout"):
+        clock.t += 3.0
+    clock.t += 1.0
+    assert timer.step_end() == {"time/rollout": 3.0, "time/step": 4.0}
