@@ -189,7 +189,8 @@ def test_engine_restarts_verifier_timeouts_and_empty_selection(assets, reference
     res = ok(train(cfg, run_dir, "reward.timeout_s=0.000001", "algo.selection=one_pair", "eval.every=0"))
     recs = records(run_dir)
     assert [(r["reward_mean"], r["kept_sequences"], r["skipped"]) for r in recs] == [(-1.0, 0, True)] * 3
-    assert "no prompt with both correct and incorrect samples; update skipped" in res.stdout
+    assert "update skipped: 2 of 2 groups all wrong, 0 all correct" in res.stdout, res.stdout[-2000:]
+    assert "OREAL's 1+1 selection drops all-wrong groups" in res.stdout
     assert latest(run_dir) == "step_000003"
 
 
