@@ -256,6 +256,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "rollout.tensor_parallel_size": (1, _INF, "[]"),
     "rollout.mem_fraction_static": (0, 1, "()"),
     "rollout.sync_bucket_mb": (1, _INF, "[]"),
+    "rollout.sglang_launch_timeout_s": (0, _INF, "(]"),
     "rollout.max_restarts": (0, _INF, "[]"),
     "reward.workers": (0, _INF, "[]"),  # 0 = in-process, no time limit (debugging)
     "reward.timeout_s": (0, _INF, "(]"),
@@ -267,6 +268,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "algo.topk_ratio": (0, 1, "(]"),
     "algo.actor_freeze_steps": (0, _INF, "[]"),
     "algo.max_nonfinite_steps": (1, _INF, "[]"),
+    "algo.tis_clip": (0, _INF, "(]"),      # and above tis_clip_low (checked with the combinations)
+    "algo.tis_clip_low": (0, _INF, "[]"),
     "policy.micro_batch_tokens": (1, _INF, "[]"),
     "parallel.tensor": (1, _INF, "[]"),
     "parallel.pipeline": (1, _INF, "[]"),

@@ -36,6 +36,13 @@ def test_convert_cli_round_trip(tmp_path):
             want.update(load_file(src / f))
     got = load_file(out / "model.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
-    bad = subprocess.run([sys.executable, "-m", "megatron_oreal", "convert", "hf-to-mcore", "--hf", str(src), "--out",
-                          str(tmp_path / "x"), "--tp", "4"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "world size 1 is not divisible by tensor x pipeline = 4 x 1" in bad.stderr
+    def convert_at(tp):
+        return subprocess.run([sys.executable, "-m", "megatron_oreal", "convert", "hf-to-mcore", "--hf", str(src),
+                               "--out", str(tmp_path / "x"), "--tp", str(tp)], capture_output=True, text=True,
+                               timeout=300)
+
+    bad = convert_at(2)  # the heads allow TP=2, one process does not
+    assert bad.returncode != 0 and "world size 1 is not divisible by tensor x pipeline = 2 x 1" in bad.stderr
+    bad = convert_at(4)  # 2 KV heads cannot be split 4 ways: one line before any process group
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "tensor parallel size 4 must divide num_attention_heads=4 and num_key_value_heads=2" in bad.stderr
