@@ -148,8 +148,8 @@ def main() -> int:
     if have_mv:
         theirs, theirs_s = run_math_verify(cases, args.mv_workers, args.mv_python)
     else:
-        print(f"(no Math-Verify venv at {args.mv_python}: run with --setup)")
-        theirs, theirs_s = [False] * len(cases), float("nan")
+        print(f"(no Math-Verify venv at {args.mv_python}: run with --setup; its column is left empty)")
+        theirs, theirs_s = [None] * len(cases), float("nan")
     again, ours_b, _ = run_ours(cases, args.workers, args.timeout, args.strict_hedging)
     ours_s = (ours_a + ours_b) / 2
     if again != ours:
@@ -159,10 +159,11 @@ def main() -> int:
     print(f"\n| category | cases | ours | Math-Verify 0.9.0 |\n|---|---|---|---|")
     for cat in sorted(ours_cat):
         (a, n), (b, _) = ours_cat[cat], theirs_cat[cat]
-        print(f"| {cat} | {n} | {a / n:.1%} | {b / n:.1%} |")
+        print(f"| {cat} | {n} | {a / n:.1%} | {f'{b / n:.1%}' if have_mv else '-'} |")
     a = sum(x[0] for x in ours_cat.values())
     b = sum(x[0] for x in theirs_cat.values())
-    print(f"| **all** | {len(cases)} | **{a / len(cases):.2%}** ({a}) | **{b / len(cases):.2%}** ({b}) |\n")
+    theirs_all = f"**{b / len(cases):.2%}** ({b})" if have_mv else "-"
+    print(f"| **all** | {len(cases)} | **{a / len(cases):.2%}** ({a}) | {theirs_all} |\n")
     print(f"ours ({args.workers} workers + parent): {len(cases) / ours_s:8.1f} cases/s ({ours_s:.2f} s: mean of {ours_a:.2f} s before and {ours_b:.2f} s after Math-Verify)")
     if have_mv:
         print(f"math-verify ({args.mv_workers} proc): {len(cases) / theirs_s:8.1f} cases/s ({theirs_s:.2f} s)")
