@@ -1,4 +1,4 @@
-"""`python -m megatron_oreal train CONFIG [section.key=value ...]`: the OREAL loop (DESIGN.md, one iteration).
+"""`python -m megatron_oreal train CONFIG [section.key=value ...]`: the OREAL loop (docs/design.md, one iteration).
 
     rollout -> reward -> advantages + selection -> token-RM update -> policy update -> weight sync
 

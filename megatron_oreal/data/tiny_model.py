@@ -2,7 +2,8 @@
 
 Written as a normal Hugging Face folder (config.json, generation_config.json, model.safetensors,
 tokenizer files), so every later stage (SFT, RL, export, eval) treats it like a real checkpoint.
-The default size is the one measured in reference/tiny_task_calibration.md (~0.6 M parameters).
+The default size (~0.6 M parameters: 4 layers, hidden 128, GQA 4/2 heads) was calibrated so that SFT
+then RL on the arithmetic task runs on 2 CPU cores in minutes.
 """
 
 from __future__ import annotations

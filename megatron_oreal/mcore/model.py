@@ -5,7 +5,7 @@
   zero-initialised `Linear(hidden, 1, bias=False)` on the final-norm hidden states, so every TP rank
   gets the full score of every position ([B, S] after squeeze). The reference code replaces
   `lm_head` the same way ([docs/algorithm.md, train_oreal.py:L210-224]); zero init makes every initial token score 0 (q_t = 0.5).
-- Reference (DESIGN.md decision 3): `ReferenceWeights` keeps a host copy of the initial policy
+- Reference (docs/design.md decision 3): `ReferenceWeights` keeps a host copy of the initial policy
   weights and copies them into the policy's own parameter storage for a no-grad forward, then copies
   the live weights back. Parameters keep their identity and storage (the optimizer, DDP buffers and
   grads still point at the right tensors), and no third model lives on the GPU.

@@ -1,4 +1,4 @@
-"""Packed micro-batches: sequences concatenated into rows, no padding waste (DESIGN.md decision 9).
+"""Packed micro-batches: sequences concatenated into rows, no padding waste (docs/design.md decision 9).
 
 One builder serves both paths. Each micro-batch is one row [1, L] of whole prompt+response sequences
 with position ids restarting per sequence. On the local (CPU) spec the row's `cu_seqlens` go to

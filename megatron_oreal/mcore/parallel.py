@@ -3,7 +3,8 @@
 `init_parallel(tp, pp)` starts torch.distributed from the launcher's environment (torchrun, Slurm,
 or a plain `python` world of one), builds Megatron's TP/PP/DP groups and seeds its RNG tracker.
 Everything else receives a frozen `Layout` and the group accessors below, so no other package
-imports `megatron.core.parallel_state` (DESIGN.md, "Only mcore/ reads Megatron's global state").
+imports `megatron.core.parallel_state` (docs/design.md, layout rule: "Only mcore/ reads Megatron's global
+parallel state").
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ POLICY_KEYS = ("loss/positive", "loss/negative", "loss/kl", "tokens/positive", "
                "tokens/w_pos_nonzero", "tokens/w_neg_nonzero", "sum/neg_logp", "sum/advantage_tokens",
                "sum/kl", "sum/logp_minus_ref")
 RM_KEYS = ("loss/token_rm", "sum/rm_correct", "sum/rm_logit")
-# Train/rollout log-prob mismatch (rollout.log_logprob_mismatch; peer_systems.md §6), over the tokens
+# Train/rollout log-prob mismatch (rollout.log_logprob_mismatch; slime's
+# `train_rollout_logprob_abs_diff`, NeMo-RL's `token_mult_prob_error`), over the tokens
 # whose sequences carry the sampler's log-probs.
 MISMATCH_KEYS = ("sum/lp_abs_diff", "sum/lp_k3", "tokens/lp_compared")
 TIS_KEYS = ("sum/tis_ratio", "sum/tis_weight", "tokens/tis_clipped")  # algo.rollout_correction=tis
@@ -260,7 +261,8 @@ def logprob_mismatch(train_logp: Tensor, rollout_logp: Tensor) -> tuple[dict[str
 
     k3 = exp(Δ) − Δ − 1 ≥ 0 is the unbiased low-variance estimator of KL(π_rollout ‖ π_train) from
     samples of the rollout policy (Schulman's k3; the same form as OREAL's KL term, docs/algorithm.md §2.5),
-    what slime/verl log as the train-inference mismatch (peer_systems.md §6). Both inputs are [T] fp32.
+    what slime/verl log as the train-inference mismatch (slime PR THUDM/slime#690;
+    verl docs/algo/rollout_corr.md). Both inputs are [T] fp32.
     """
     delta = train_logp.float() - rollout_logp.to(train_logp.device).float()
     k3 = torch.expm1(delta) - delta

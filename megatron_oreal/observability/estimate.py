@@ -66,7 +66,7 @@ class Workload:
     train_sequences: float = 1024  # sequences that go through training per step
     trained_models: int = 2  # policy + token RM (OREAL), 1 for GRPO
     fwd_only_passes: float = 2.0  # extra forwards per trained token (reference; RM scoring / old log-probs)
-    reference_on_host: bool = True  # DESIGN.md decision 3: reference weights off-GPU, swapped in
+    reference_on_host: bool = True  # docs/design.md decision 3: reference weights off-GPU, swapped in
     rm_has_vocab_head: bool = False  # OREAL's RM replaces the V×h output layer with h→1
     optimizer_steps: int = 1  # optimizer steps per RL step (micro-batches are split across them)
     sync_bucket_mb: int = 512

@@ -3,8 +3,9 @@
 The table (per stage: seconds, share of the step, tokens/s, MFU, weight-sync GB/s, peak memory) is a
 pure function of the per-step metrics the trainer reports (`time/<stage>`, `tokens/s`, `mfu`,
 `sync/gbps`, `memory/peak_gb`), so it is tested on synthetic metrics. `TraceWindow` is the optional
-PyTorch-profiler trace over a chosen step range (peer_systems.md §5: NeMo-RL's
-`NRL_NSYS_PROFILE_STEP_RANGE=3:5`, slime's `--use-pytorch-profiler`); NVTX ranges come from
+PyTorch-profiler trace over a chosen step range (as NeMo-RL's
+`NRL_NSYS_PROFILE_STEP_RANGE=3:5`, docs/nsys-profiling.md, and slime's `--use-pytorch-profiler`,
+docs/en/developer_guide/profiling.md); NVTX ranges come from
 `timers.StageTimer` on GPUs.
 """
 

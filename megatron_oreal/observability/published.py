@@ -5,8 +5,9 @@ fitted) and compares one estimated figure with the number its authors published:
 
 * Megatron-LM (Narayanan et al. 2021, arXiv 2104.04473, §5.1): GPT-3 175B on 1024 A100s, batch 1536,
   seq 2048, TP 8 / PP 8, full recompute, 300B tokens: "34 days" end to end.
-* NeMo-RL v0.5 performance summary (peer_systems.md §5; recipe grpo-qwen3-32b-4n8g.yaml): GRPO on
-  Qwen3-32B, 32 H100s BF16, 64 prompts × 32 generations, max 4096 tokens, train TP4/PP4, vLLM TP4,
+* NeMo-RL v0.5 performance summary (NeMo-RL `docs/about/performance-summary.md` at commit
+  e7c0123d7; recipe grpo-qwen3-32b-4n8g.yaml): GRPO on Qwen3-32B, 32 H100s BF16, 64 prompts × 32
+  generations, max 4096 tokens, train TP4/PP4, vLLM TP4,
   on-policy: 376 s/step and 571 tokens/s/GPU.
 * Same table, Llama-3.1-8B-Instruct on 16 H100s (grpo-llama3.1-8b-instruct-2n8g.yaml: TP1/PP2,
   activation checkpointing, vLLM TP1): 92.8 s/step and 1581 tokens/s/GPU.
@@ -64,7 +65,7 @@ def _nemo_rl(model: str, gpus: int, tp: int, pp: int, rollout_tp: int, recompute
                  optimizer_steps=samples // 512,  # train global batch 512 sequences
                  engines_on_first_stage=False)  # NeMo-RL's vLLM engines use every GPU at any training PP
     est = step_estimate(w)
-    src = "NeMo-RL v0.5 docs/about/performance-summary.md (peer_systems.md §5)"
+    src = "NeMo-RL v0.5 docs/about/performance-summary.md (commit e7c0123d7)"
     label = f"NeMo-RL GRPO {model}, {gpus}×H100 BF16"
     return [Comparison(label, "step seconds", est["step_s"], step_s, src),
             Comparison(label, "tokens/s/GPU", est["tokens_per_s_per_gpu"], tok_s_gpu, src)]

@@ -1,7 +1,8 @@
 """TensorBoard scalars (rank 0 only) and the one-line console progress report.
 
 Metric names are flat `group/name` strings (`time/rollout`, `loss/positive`, `reward/mean`, ...) so
-TensorBoard groups them by prefix, as slime (`perf/*`) and verl (`timing_s/*`) do (peer_systems.md §5).
+TensorBoard groups them by prefix, as slime (`perf/*`, slime/utils/train_metric_utils.py)
+and verl (`timing_s/*`, verl/trainer/ppo/metric_utils.py) do.
 """
 
 from __future__ import annotations

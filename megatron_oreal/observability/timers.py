@@ -7,7 +7,8 @@
 
 On GPUs each stage is bracketed by `torch.cuda.synchronize()` (kernels are asynchronous: without it a
 stage would be charged for the previous stage's queued work) and an NVTX range of the same name, so an
-Nsight Systems timeline shows the loop's stages (peer_systems.md §5: slime/verl/NeMo-RL all do this).
+Nsight Systems timeline shows the loop's stages (slime, verl and NeMo-RL all do this;
+e.g. verl docs/perf/nsight_profiling.md, NeMo-RL docs/nsys-profiling.md).
 """
 
 from __future__ import annotations

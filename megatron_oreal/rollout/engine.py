@@ -1,6 +1,6 @@
 """The rollout-engine protocol: what the trainer asks of any sampler (CPU loop or SGLang).
 
-The protocol is deliberately narrow (DESIGN.md decision 5): token ids in, token ids out, HF-named
+The protocol is deliberately narrow (docs/design.md decision 5): token ids in, token ids out, HF-named
 tensors for weight sync. The loss always uses log-probs recomputed by Megatron; an engine's log-probs
 are logged against them and, with algo.rollout_correction=tis, give truncated importance weights.
 

@@ -1,4 +1,5 @@
-"""Co-located SGLang rollout engine (GPU only; DESIGN.md decision 5, reference/peer_systems.md §1-§2).
+"""Co-located SGLang rollout engine (GPU only; docs/design.md decision 5; the loop shape
+and weight path follow slime's colocated mode, slime/backends/megatron_utils/actor.py and update_weight/).
 
 One engine per group of `rollout.tensor_parallel_size` consecutive ranks, on those ranks' GPUs. The
 group's first rank (the leader) runs SGLang as an HTTP server *subprocess* (`python -m
@@ -7,7 +8,8 @@ group, so a crash cannot take the trainer with it and a restart is kill + relaun
 process keeps its own CUDA context, signal handlers and event loop (the in-process Engine runs an
 asyncio loop and SGLang's tokenizer manager inside the caller); and every request is plain JSON that
 a fake server on 127.0.0.1 can answer in the CPU tests. verl runs SGLang the same way (HTTP server +
-adapter, peer_systems.md §1.2). Every method is collective over the group; only the leader talks HTTP
+adapter: verl/workers/rollout/sglang_rollout/async_sglang_server.py
+and sglang_rollout.py `ServerAdapter`). Every method is collective over the group; only the leader talks HTTP
 and it shares results (or the error) with the group, so all ranks fail together.
 
 API used, sglang==0.5.21 (the newest release built against torch 2.13.0; 0.5.22+ need 2.14.1):
@@ -66,9 +68,11 @@ CPU_SERVER_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "-
                     "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
                     "--disable-overlap-schedule")
 # Released between phases. cuda_graph too: its pools are sizeable and SGLang releases all three
-# when asked for no tags (weight_updater.py:326-327), as slime does (peer_systems.md §1.1).
+# when asked for no tags (weight_updater.py:326-327), as slime does (`rollout_manager.offload`,
+# slime/ray/rollout.py).
 RELEASE_TAGS = ("weights", "kv_cache", "cuda_graph")
-# verl's way to run block-FP8 SGLang from a BF16 checkpoint (peer_systems.md §6): inject the
+# verl's way to run block-FP8 SGLang from a BF16 checkpoint (`ServerAdapter.__init__`,
+# verl/workers/rollout/sglang_rollout/sglang_rollout.py, rollout.quantization=fp8): inject the
 # DeepSeek-style quantization_config; the weights arrive by the first sync (sync/fp8.py layout).
 FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
@@ -524,7 +528,8 @@ class SGLangEngine:
     # weight-sync hooks (leader only; called by sync.SGLangIPCTransport) --------------------------
     def begin_weight_sync(self, check: bool = False) -> None:
         """Weights memory back (KV cache stays released: peak memory is weights + one bucket, the
-        two-stage resume of slime, peer_systems.md §1.1), nothing running, cache empty."""
+        two-stage resume of slime's train.py: `onload_weights`, sync, then `onload_kv`), nothing running,
+        cache empty."""
         if self.server is not None and not self.server.alive():
             self.restart()
         if "weights" in self.released:

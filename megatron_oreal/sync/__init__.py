@@ -1,4 +1,5 @@
-"""Weight sync, trainer -> rollout engine (DESIGN.md decision 5; reference/peer_systems.md §2, §10.2).
+"""Weight sync, trainer -> rollout engine (docs/design.md decision 5; the iterator + transport
+split of slime's slime/backends/megatron_utils/update_weight/ and NeMo-RL's nemo_rl/weight_sync/).
 
 `sync_weights(source, transport, fp8=...)` streams HF-named tensors from `source` (a plain
 `dict.items()`, or the checkpoint layer's gather that yields ready buckets: PP broadcast -> TP

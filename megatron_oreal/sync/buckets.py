@@ -1,8 +1,9 @@
 """Flattened weight buckets: many named tensors in one contiguous byte buffer per dtype, and back.
 
 Why: sending one buffer (one CUDA IPC handle) per bucket instead of one per tensor is what made
-colocated weight sync 4-10x faster in slime/verl (reference/peer_systems.md §2.1, §8.1: vime#175,
-verl#2418). This is our own implementation of the layout SGLang reads back with
+colocated weight sync 4-10x faster in slime/verl (slime's `_send_to_colocated_engine`,
+slime/backends/megatron_utils/update_weight/update_weight_from_tensor.py; measured in vllm-project/vime#175
+and verl-project/verl#2418). This is our own implementation of the layout SGLang reads back with
 `FlattenedTensorBucket(flattened_tensor=..., metadata=...).reconstruct_tensors()`
 (sglang 0.5.21 `srt/weight_sync/tensor_bucket.py:8-107`): a 1-D uint8 buffer plus, per tensor,
 `name, shape, dtype, start_idx, end_idx, numel`, where the indices and `numel` count *bytes*.

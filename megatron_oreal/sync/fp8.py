@@ -5,8 +5,8 @@ Layout: the DeepSeek-V3 / SGLang "block FP8" checkpoint format (`quantization_co
 receives `X.weight` as float8_e4m3fn [r, c] and `X.weight_scale_inv` as float32
 [ceil(r/128), ceil(c/128)], one scale per 128x128 block, with `weight ~= q * weight_scale_inv`
 (the multiplier that *dequantises*, despite the name). slime re-quantises the same way on sync
-(reference/peer_systems.md §6: `megatron_to_hf/processors/quantizer_fp8.py`), verl too
-(`sglang_fp8_utils.py`, block 128x128).
+(slime/backends/megatron_utils/megatron_to_hf/processors/quantizer_fp8.py), verl too
+(verl/utils/sglang/sglang_fp8_utils.py `quant_weights_by_name`, block 128x128).
 
 Per block: scale_inv = amax(|w|) / 448 (448 = the largest finite e4m3fn), q = round(w / scale_inv).
 Edge blocks of shapes not divisible by 128 are zero-padded for the amax only; the padding never
@@ -31,7 +31,7 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
 _MIN_AMAX = 1e-12  # scale floor for all-zero blocks
 
 # HF weights that stay in high precision in block-FP8 checkpoints: embeddings and the output head
-# (slime: "embedding/lm_head stay high precision", peer_systems.md §6), norms (1-D anyway) and the
+# (slime docs/en/advanced/low-precision.md: only TE Linear layers in FP8), norms (1-D anyway) and the
 # MoE router gate (`mlp.gate.weight`, kept bf16 in DeepSeek/Qwen-MoE FP8 checkpoints).
 SKIP_SUBSTRINGS = ("embed_tokens", "embed", "lm_head", "norm", "mlp.gate.weight")
 

@@ -1,6 +1,6 @@
-"""What one weight sync cost: bytes, buckets, seconds, GB/s (DESIGN.md decision 10: every sync is
+"""What one weight sync cost: bytes, buckets, seconds, GB/s (docs/design.md decision 10: every sync is
 logged), plus the optional first-sync weight check (slime's `--check-weight-update-equal`,
-reference/peer_systems.md §2.1)."""
+`rollout_manager.check_weights` in slime's train.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ A transport is `begin(check) -> send(bucket)* -> end() -> verify(digests)`; `syn
   CUDA IPC handle -> base64; sglang 0.5.21 `srt/utils/common.py:2997-3036`) and `gather_object`s
   the strings to the group's first rank, which POSTs them to `/update_weights_from_tensor` with
   `load_format="flattened_bucket"`: SGLang TP rank i opens payload i (`tp_worker.py:192-199`).
-  This is slime's `_send_to_colocated_engine` (reference/peer_systems.md §2.1).
+  This is slime's `_send_to_colocated_engine`
+  (slime/backends/megatron_utils/update_weight/update_weight_from_tensor.py).
   Buffers are never reused or freed before the engine has answered: SGLang copies out of the IPC
   buffer asynchronously and a reused producer buffer "can race ... and corrupt weights" (slime's
   comment, ibid.), so every rank holds its buffers until the leader has the HTTP response and has
