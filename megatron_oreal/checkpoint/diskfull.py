@@ -26,24 +26,25 @@ _ZIP_WRITER = ("unexpected pos", "pytorchstreamwriter failed", "file write faile
                "iostream error")
 
 
-def free_bytes(path: str | os.PathLike) -> int | None:
+def _statvfs(path: str | os.PathLike):
+    """statvfs of the nearest existing folder of `path` (None if unreadable)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        st = os.statvfs(p)
+        return os.statvfs(p)
     except OSError:
         return None
-    return st.f_bavail * st.f_frsize
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    st = _statvfs(path)
+    return None if st is None else st.f_bavail * st.f_frsize
 
 
 def _nearly_full(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        st = os.statvfs(p)
-    except OSError:
+    st = _statvfs(path)
+    if st is None:
         return False
     free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     return free < max(FULL_BYTES, min(size // 100, 64 << 30))

@@ -170,18 +170,25 @@ def make_problems(
     exclude: Iterable[str] = (),
 ) -> list[str]:
     """n distinct problems of one split ("train" or "heldout"), deterministic in (seed, split, spec)."""
+    return distinct_problems("arith", random_problem, n, seed, split, spec, heldout_permille, exclude)
+
+
+def distinct_problems(task: str, draw, n: int, seed: int, split: str, spec, heldout_permille: int = 200,
+                      exclude: Iterable[str] = ()) -> list[str]:
+    """n distinct problems `draw(rng, spec)` of one split, the split decided by the problem's hash
+    (is_held_out); shared by the built-in tasks (arith, credit), `task` names the stream and errors."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"arith: split must be 'train' or 'heldout', got {split!r}")
+        raise ValueError(f"{task}: split must be 'train' or 'heldout', got {split!r}")
     want_held = split == "heldout"
-    rng = random.Random(f"arith:{seed}:{split}")
+    rng = random.Random(f"{task}:{seed}:{split}")
     seen = set(exclude)
     out: list[str] = []
     tries = 0
     while len(out) < n:
         tries += 1
         if tries > 1000 * n + 100000:
-            raise ValueError(f"arith: could not find {n} distinct {split} problems for {spec}")
-        p = random_problem(rng, spec)
+            raise ValueError(f"{task}: could not find {n} distinct {split} problems for {spec}")
+        p = draw(rng, spec)
         if p in seen or is_held_out(p, heldout_permille) != want_held:
             continue
         seen.add(p)

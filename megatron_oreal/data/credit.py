@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from megatron_oreal.data.arith import (  # noqa: F401  (re-exported: the shared task interface)
+    distinct_problems,
     boxed_answer,
     format_solution,
     gold_answer,
@@ -127,20 +128,4 @@ def make_problems(
     exclude: Iterable[str] = (),
 ) -> list[str]:
     """n distinct problems of one split ("train" or "heldout"), deterministic in (seed, split, spec)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"credit: split must be 'train' or 'heldout', got {split!r}")
-    want_held = split == "heldout"
-    rng = random.Random(f"credit:{seed}:{split}")
-    seen = set(exclude)
-    out: list[str] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 1000 * n + 100000:
-            raise ValueError(f"credit: could not find {n} distinct {split} problems for {spec}")
-        p = random_problem(rng, spec)
-        if p in seen or is_held_out(p, heldout_permille) != want_held:
-            continue
-        seen.add(p)
-        out.append(p)
-    return out
+    return distinct_problems("credit", random_problem, n, seed, split, spec, heldout_permille, exclude)

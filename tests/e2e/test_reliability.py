@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from helpers.session import run_in_session
 from helpers.tiny_run import assert_same_weights, exported_weights
+from helpers.tmpfs import fill, mounted_tmpfs
 
 from megatron_oreal.data import arith
 from megatron_oreal.data.tiny_model import TinySize, make_random_tiny_model
@@ -408,29 +409,8 @@ def test_usr1_and_term_to_every_process_of_the_run(assets, reference, tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 2 MiB filesystem (tmpfs): one tiny checkpoint (1.2 MB) fits, a second does not."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "oreal-e2e-fs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); needs root/CAP_SYS_ADMIN")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(mnt: Path) -> Path:
-    ballast = mnt / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return ballast
 
 
 @pytest.mark.slow
@@ -454,7 +434,7 @@ def test_real_full_disk_at_a_checkpoint_and_at_the_export(assets, reference, sma
     #    (steps.jsonl, eval files and TensorBoard meet a full disk as OSError: tests/unit/checkpoint/test_full_disk.py)
     run = start(cfg, run_dir, fault="export:3:wait", env_extra={"OREAL_TEST_WAIT_FILE": str(release)})
     wait_for(lambda: Path(f"{release}.waiting").exists())  # the last checkpoint is written, the export is next
-    ballast = _fill(small_fs)
+    ballast = fill(small_fs)
     release.touch()
     res = finish(run)
     line = one_error(res)

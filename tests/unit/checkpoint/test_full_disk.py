@@ -3,9 +3,6 @@ disk takes in each writer, and the one-line messages built from them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import uuid
 
 import pytest
 import torch
@@ -13,35 +10,14 @@ from safetensors.torch import save_file
 
 from megatron_oreal.checkpoint.diskfull import is_disk_full
 from megatron_oreal.checkpoint.resume import CheckpointError, RunCheckpointer
+from helpers.tmpfs import fill, mounted_tmpfs
 
 
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 256 KiB tmpfs mounted at tmp_path/fs."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", f"oreal-test-{uuid.uuid4().hex[:8]}", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); needs root/CAP_SYS_ADMIN")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(mnt, leave: int = 0) -> None:
-    """Fill the filesystem, then free `leave` bytes."""
-    fd = os.open(mnt / "ballast", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    if leave:
-        os.truncate(mnt / "ballast", os.path.getsize(mnt / "ballast") - leave)
 
 
 def error_of(fn) -> BaseException:

@@ -16,14 +16,7 @@ from megatron_oreal.rollout.engine import SamplingParams
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
-    # it makes every op wait for a descheduled peer (10x slower, measured).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/rollout/conftest.py
 
 
 @pytest.fixture(scope="module")

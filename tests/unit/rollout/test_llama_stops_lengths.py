@@ -17,12 +17,7 @@ from megatron_oreal.train import nothing_to_learn
 from megatron_oreal.types import Group, Prompt, Sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/rollout/conftest.py
 
 
 def test_llama_engine_greedy_equals_hf_generate_and_stops_at_the_position_limit(tmp_path):
