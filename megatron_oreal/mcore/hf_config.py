@@ -84,11 +84,7 @@ def arch_spec(hf: dict, tp: int = 1) -> ArchSpec:
     hidden = int(hf["hidden_size"])
     if heads % kv_heads:
         raise ValueError(f"config.json: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
-    if heads % tp or kv_heads % tp:
-        raise ValueError(
-            f"config.json: tensor parallel size {tp} must divide num_attention_heads={heads} "
-            f"and num_key_value_heads={kv_heads}"
-        )
+    check_layout(hf, tp, 1)  # TP must divide both head counts (one message, with the sizes that work)
     if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
         raise ValueError("config.json: use_sliding_window=true is not supported")
     if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
