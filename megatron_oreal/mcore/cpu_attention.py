@@ -1,50 +1,51 @@
-"""Core attention for the local (CPU) layer spec: cost Σ (sequence length)², not (packed row)².
+"""The local (CPU) spec's packed rows: attention cost Σ (sequence length)², RoPE by true positions.
 
 Megatron's local `DotProductAttention` takes one dense [L, L] mask and materialises the full
 [heads, L, L] score matrix of a packed row (packing.py), so a micro-batch of 128 short sequences in
-an 8 k-token row costs ~64 M scores per head where the sequences themselves need ~0.5 M. Here the
-row is cut at `cu_seqlens` and the sequences are laid side by side in a padded batch
+an 8 k-token row costs ~64 M scores per head where the sequences themselves need ~0.5 M. Here each
+sequence's positions (the row's `slots`, packing.py) are gathered side by side into a padded batch
 [S, heads, max_len, head_dim]; one `scaled_dot_product_attention(is_causal=True)` call then does every
 sequence at once (measured on 2 cores, 9 k tokens / 128 sequences, one layer fwd+bwd: dense mask
 17.9 s, a Python loop of per-sequence SDPA calls 3.7 s, this 0.16 s; FlexAttention needs
-torch.compile, which costs more than it saves on this path).
+torch.compile, which costs more than it saves on this path). A prompt shared by several responses
+(packing.py, share_prompts) sits in each of their slots; its outputs are read from its first slot,
+and the keys/values it gives every slot sum their gradients back into the one copy.
 
-Why no padding mask is needed: a sequence's padding lies after its last token, and under a causal
-mask a real query at position i only sees keys 0..i, all real. Padded queries see padded keys but
-their outputs are dropped when the row is gathered back (and so get no gradient).
+Why no padding mask is needed: a slot's padding lies after its last token, and under a causal mask a
+real query at slot position i only sees keys 0..i, all real. Padded queries see padded keys but their
+outputs are never read (and so get no gradient).
 
-The row reaches this module as `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)`
-(MicroBatch.local_packed_seq_params). With "sbhd" Megatron's Attention applies RoPE to the whole row
-exactly as with the dense mask (RoPE depends only on relative positions, packing.py), and GPTModel
-sizes the RoPE table from `max_seqlen_q`, which is therefore the row length, not the longest sequence.
+The row reaches this module as `PackedSeqParams(qkv_format="sbhd", ...)` with `slots` and
+`rope_positions` attached (MicroBatch.local_packed_seq_params). `LocalGPTModel` rotates each token by
+its position inside its sequence (Megatron's "sbhd" RoPE rotates by row index, which is right only
+when every sequence is contiguous in the row) and, at TP = 1, computes logits for the real vocabulary
+rows only (see `LocalGPTModel`).
 
 Without `packed_seq_params` (or for a configuration this path does not cover: sliding window, a
 non-vanilla softmax, attention dropout while training) the module is Megatron's DotProductAttention,
-with the dense block-causal mask built from `cu_seqlens` when needed.
+with the dense mask built from the same slots when a packed row comes in.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 Tensor = torch.Tensor
 
 
-def row_layout(cu_seqlens: Tensor, length: int) -> tuple[Tensor, int, int]:
-    """(gather index [L] into a flat [S * max_len] padded layout, S, max_len) for a row of `length`.
+def slot_layout(slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """(gather [S*W] row positions, L for a pad; read [L] the flat slot position each output comes from).
 
-    Positions past cu_seqlens[-1] (trailing padding) form one more sequence of their own.
+    A position held by several slots (a shared prompt) is read from the first of them.
     """
-    cu = cu_seqlens.to(device="cpu", dtype=torch.long)
-    if int(cu[-1]) < length:
-        cu = torch.cat([cu, torch.tensor([length])])
-    lens = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
-    max_len = int(lens.max())
-    index = seg * max_len + (torch.arange(length) - cu[:-1][seg])
-    return index, int(lens.numel()), max_len
+    flat = slots.reshape(-1).to(dtype=torch.long)
+    first = torch.full((length + 1,), flat.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, flat, torch.arange(flat.numel()), reduce="amin")
+    return flat, first[:length]
 
 
 class PackedLocalAttention(DotProductAttention):
@@ -65,26 +66,73 @@ class PackedLocalAttention(DotProductAttention):
         length, batch = query.shape[0], query.shape[1]
         if batch != 1:
             raise ValueError(f"PackedLocalAttention: a packed row has batch size 1, got {batch}")
-        if not self._covered():
-            from megatron_oreal.mcore.packing import block_causal_mask
+        slots = getattr(packed_seq_params, "slots", None)
+        if slots is None:  # a caller-built PackedSeqParams: whole sequences at cu_seqlens
+            from megatron_oreal.mcore.packing import slots_of_segments
 
-            mask = block_causal_mask(packed_seq_params.cu_seqlens_q.cpu(), length).to(query.device)
+            slots = packed_seq_params.slots = slots_of_segments(packed_seq_params.cu_seqlens_q.cpu(), length)
+        if not self._covered():
+            from megatron_oreal.mcore.packing import slots_mask
+
+            mask = slots_mask(slots.cpu(), length).to(query.device)
             return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
 
-        layout = getattr(packed_seq_params, "_row_layout", None)  # the same for every layer of a forward
-        if layout is None or layout[0].numel() != length:
-            index, n_seq, max_len = row_layout(packed_seq_params.cu_seqlens_q, length)
-            layout = (index.to(query.device), n_seq, max_len)
-            packed_seq_params._row_layout = layout
-        index, n_seq, max_len = layout
+        layout = getattr(packed_seq_params, "_slot_layout", None)  # the same for every layer of a forward
+        if layout is None:
+            gather, read = slot_layout(slots, length)
+            layout = packed_seq_params._slot_layout = (gather.to(query.device), read.to(query.device))
+        gather, read = layout
+        n_seq, max_len = slots.shape
 
-        def padded(t: Tensor) -> Tensor:  # [L, 1, h, d] -> [S, h, max_len, d]
-            flat = t.new_zeros(n_seq * max_len, t.shape[2], t.shape[3]).index_copy(0, index, t[:, 0])
-            return flat.view(n_seq, max_len, t.shape[2], t.shape[3]).transpose(1, 2)
+        def padded(t: Tensor) -> Tensor:  # [L, 1, h, d] -> [S, h, max_len, d]; gather index L reads zeros
+            rows = torch.cat([t[:, 0], t.new_zeros(1, t.shape[2], t.shape[3])])
+            return rows.index_select(0, gather).view(n_seq, max_len, t.shape[2], t.shape[3]).transpose(1, 2)
 
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         heads, groups = self.num_attention_heads_per_partition, self.num_query_groups_per_partition
         out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True,
                                              scale=scale, enable_gqa=heads != groups)
         out = out.transpose(1, 2).reshape(n_seq * max_len, heads * query.shape[3])
-        return out[index].unsqueeze(1)  # [L, 1, h*d] as DotProductAttention returns
+        return out[read].unsqueeze(1)  # [L, 1, h*d] as DotProductAttention returns
+
+
+class LocalGPTModel(GPTModel):
+    """GPTModel for the local spec (build_policy without Transformer Engine): two changes for packed rows.
+
+    - RoPE by `rope_positions` (each token's position in its own sequence) when the row carries them
+      (MicroBatch.local_packed_seq_params): the table GPTModel builds for the row length is indexed by
+      them, so a response packed after a shared prompt is rotated as if it followed it directly. For a
+      row of whole sequences this is the same rotation up to round-off (only relative positions
+      matter), and the same as Hugging Face's, which also rotates by position ids.
+    - At TP = 1 the logits are computed for the `real_vocab_size` rows of the output weight only: the
+      padding rows (hf_config.VOCAB_PAD_BASE) would be masked to -inf anyway (model.mask_padded_vocab), so
+      their logits, gradients (zero) and softmax mass (zero) change nothing; the tiny model's 102-token
+      vocabulary is padded to 1024 rows, so this is most of its output layer. At TP > 1 the shards must
+      stay equal for vocab-parallel cross entropy, and every rank computes its whole shard as before.
+    """
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (self.post_process and self.config.tensor_model_parallel_size == 1
+                and real_vocab_size < self.output_layer.output_size_per_partition):
+            # GPTModel builds its output layer itself; this subclass only narrows the forward (no new state).
+            self.output_layer.__class__ = RealVocabOutputLayer
+            self.output_layer.real_rows = real_vocab_size
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        positions = getattr(kwargs.get("packed_seq_params"), "rope_positions", None)
+        if positions is None or out[1] is None:
+            return out
+        table = out[1]  # [L, 1, 1, dim] for row positions 0..L-1; a token's position never exceeds its row index
+        return (out[0], table[positions.to(table.device)], *out[2:])
+
+
+class RealVocabOutputLayer(ColumnParallelLinear):
+    """The TP = 1 output layer computing the first `real_rows` logits only (see LocalGPTModel)."""
+
+    real_rows: int
+
+    def forward(self, input_: Tensor, weight: Tensor | None = None, runtime_gather_output=None):
+        w = self.weight if weight is None else weight  # tied embeddings pass the embedding weight
+        return F.linear(input_, w[: self.real_rows]), None

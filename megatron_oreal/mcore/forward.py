@@ -3,7 +3,7 @@
 `run_schedule` drives `get_forward_backward_func()` (no pipelining at PP=1, 1F1B at PP>1) over a
 list of MicroBatch; on the last stage `post(idx, mb, output)` turns the model output into
 (local loss, metrics). Per-token quantities come out in the packed response-token layout
-(packing.py): the outputs at the `loss_mask` positions, in order.
+(packing.py): the outputs at the `pred_index` positions, in order.
 
 Log-probs are computed the way Megatron computes its LM loss: vocab-parallel cross entropy in fp32 on
 the TP-sharded logits (logp = -CE(labels)), with the vocabulary-padding columns masked to -inf first
@@ -71,8 +71,21 @@ def token_logprobs(local_logits: Tensor, labels: Tensor, vocab_size: int) -> Ten
 
 
 def response_values(per_position: Tensor, mb: MicroBatch) -> Tensor:
-    """[1, L] per-position values -> [T] at the positions predicting response tokens (packed order)."""
-    return per_position[mb.loss_mask.to(per_position.device)]
+    """[1, L] per-position values -> [T], the value at the position predicting each response token
+    (packed order; with shared prompts one position can serve several tokens)."""
+    return per_position[0, mb.pred_index.to(per_position.device)]
+
+
+def response_logprobs(local_logits: Tensor, mb: MicroBatch, vocab_size: int) -> Tensor:
+    """log π of every response token of mb -> [T] fp32, from the row's vocab-parallel logits [1, L, V/TP]."""
+    idx = mb.pred_index.to(local_logits.device)
+    labels = mb.pred_labels.to(local_logits.device)
+    if mb.shares_prompts:  # a position predicts several tokens: take its rows once per token (CPU path)
+        return token_logprobs(local_logits[:, idx], labels[None], vocab_size)[0]
+    # Whole sequences (every GPU row): the cross entropy runs on the logits in place, with no [T, V] copy.
+    row_labels = torch.zeros(local_logits.shape[:2], dtype=torch.long, device=local_logits.device)
+    row_labels[0, idx] = labels
+    return token_logprobs(local_logits, row_labels, vocab_size)[0, idx]
 
 
 def run_schedule(model, micro_batches: list[MicroBatch], post: PostFn, *, forward_only: bool, loss_scale: float = 1.0):

@@ -55,6 +55,8 @@ def build_policy(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "",
     every caller loads HF weights next); pass from_hf_weights=False for a randomly initialised model."""
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_oreal.mcore.cpu_attention import LocalGPTModel
+
     spec = arch_spec(hf_config, layout.tp)
     use_te = use_transformer_engine(allow_local_spec=allow_local_spec) if use_te is None else use_te
     if fp8 and not use_te:
@@ -62,7 +64,8 @@ def build_policy(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "",
     config = transformer_config_from_hf(hf_config, layout, dtype=dtype, fp8=fp8, use_te=use_te,
                                         from_hf_weights=from_hf_weights, **overrides)
     tied = spec.tied if tie is None else tie
-    model = GPTModel(
+    local = {} if use_te else {"real_vocab_size": spec.vocab_size}
+    model = (GPTModel if use_te else LocalGPTModel)(
         config=config,
         transformer_layer_spec=_layer_spec(use_te),
         vocab_size=spec.padded_vocab_size,
@@ -74,6 +77,7 @@ def build_policy(hf_config: dict, layout, *, dtype: str = "fp32", fp8: str = "",
         rotary_base=int(spec.rope_theta),
         rope_scaling=spec.rope_scaling_factor is not None,
         rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+        **local,
     )
     model.arch = spec
     model.is_token_rm = False

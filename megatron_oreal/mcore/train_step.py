@@ -30,7 +30,8 @@ from megatron_oreal.algo.rollout_correction import tis_weights
 from megatron_oreal.algo.token_weights import token_weights
 from megatron_oreal.config import AlgoConfig, OptimConfig
 from megatron_oreal.mcore import optim
-from megatron_oreal.mcore.forward import needs_dense_mask, response_values, run_schedule, token_logprobs
+from megatron_oreal.mcore.forward import (needs_dense_mask, response_logprobs, response_values, run_schedule,
+                                          uses_packed_local)
 from megatron_oreal.mcore.model import unwrap
 from megatron_oreal.mcore.packing import MicroBatch, build_micro_batches, local_counts
 from megatron_oreal.mcore.parallel import dp_group, pp_group, pp_ranks
@@ -133,7 +134,8 @@ class OrealTrainer:
         # FP8 GEMMs (Transformer Engine) need the token dimension in multiples of 16.
         pad = 16 if getattr(unwrap(self.policy).config, "fp8", None) else 1
         return build_micro_batches(batch, self.layout.dp_rank, self.layout.dp, self.micro_batch_tokens,
-                                   with_mask=needs_dense_mask(self.policy), pad_to_multiple=pad)
+                                   with_mask=needs_dense_mask(self.policy), pad_to_multiple=pad,
+                                   share_prompts=uses_packed_local(self.policy))
 
     def _rm_pass(self, mbs, counts, step):
         """Token-RM forward/backward + step; returns (ω⁺, ω⁻) per micro-batch (last stage) and metrics."""
@@ -161,7 +163,7 @@ class OrealTrainer:
         ref: dict[int, Tensor] = {}
 
         def post(idx, mb, output):
-            ref[idx] = response_values(token_logprobs(output, mb.labels, self.vocab_size), mb).detach()
+            ref[idx] = response_logprobs(output, mb, self.vocab_size).detach()
             return output.sum() * 0.0, {}
 
         with self.reference.swapped_in(self.policy):
@@ -192,7 +194,7 @@ class OrealTrainer:
         diff_max = [0.0]
 
         def post(idx, mb, output):
-            logp = response_values(token_logprobs(output, mb.labels, self.vocab_size), mb)
+            logp = response_logprobs(output, mb, self.vocab_size)
             w_pos, w_neg = weights.get(idx) or (torch.ones_like(logp), torch.ones_like(logp))
             rollout_lp = _rollout_logprobs(batch, mb).to(logp.device) if compare else None
             is_weight, tis_sums = (tis_weights(logp.detach(), rollout_lp, self.algo.tis_clip, self.algo.tis_clip_low)
@@ -304,11 +306,12 @@ def compute_logprobs(model, batch: TrainBatch, layout, *, micro_batch_tokens: in
     model's `.arch`. Results are gathered from the last pipeline stage of every DP replica.
     """
     vocab = unwrap(model).arch.vocab_size
-    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=needs_dense_mask(model))
+    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=needs_dense_mask(model),
+                              share_prompts=uses_packed_local(model))
     local: dict[int, Tensor] = {}
 
     def post(idx, mb, output):
-        logp = response_values(token_logprobs(output, mb.labels, vocab), mb).detach().cpu()
+        logp = response_logprobs(output, mb, vocab).detach().cpu()
         cu = mb.resp_cu_seqlens.tolist()
         for j, seq in enumerate(mb.seq_indices):
             local[seq] = logp[cu[j]:cu[j + 1]]
@@ -335,11 +338,12 @@ def sft_update(ddp_model, optimizer, batch: TrainBatch, layout, *, lr: float | N
     as the RL step, so the gradient does not depend on the DP / micro-batch split.
     """
     vocab = unwrap(ddp_model).arch.vocab_size
-    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens, with_mask=needs_dense_mask(ddp_model))
+    mbs = build_micro_batches(batch, layout.dp_rank, layout.dp, micro_batch_tokens,
+                              with_mask=needs_dense_mask(ddp_model), share_prompts=uses_packed_local(ddp_model))
     n_all = max(_all_reduce_counts(mbs, layout)["n_all"], 1.0)
 
     def post(idx, mb, output):
-        nll = -response_values(token_logprobs(output, mb.labels, vocab), mb).sum()
+        nll = -response_logprobs(output, mb, vocab).sum()
         return nll / n_all, {"loss/nll": nll.detach() / n_all, "tokens": torch.tensor(float(mb.num_response_tokens))}
 
     if lr is not None:

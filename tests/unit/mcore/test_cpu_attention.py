@@ -30,12 +30,21 @@ def _batch():
     return TrainBatch(seqs)
 
 
-def test_row_layout_gathers_each_sequence_into_its_own_padded_slot():
-    from megatron_oreal.mcore.cpu_attention import row_layout
+def test_slot_layout_gathers_each_sequence_and_reads_a_shared_prompt_once():
+    from megatron_oreal.mcore.cpu_attention import slot_layout
+    from megatron_oreal.mcore.packing import slots_of_segments
 
-    index, n_seq, max_len = row_layout(torch.tensor([0, 2, 5], dtype=torch.int32), 6)
-    assert (n_seq, max_len) == (3, 3)  # the trailing padding position is a sequence of its own
-    assert index.tolist() == [0, 1, 3, 4, 5, 6]
+    slots = slots_of_segments(torch.tensor([0, 2, 5], dtype=torch.int32), 6)
+    assert slots.tolist() == [[0, 1, 6], [2, 3, 4], [5, 6, 6]]  # the trailing padding is a slot of its own
+    gather, read = slot_layout(slots, 6)
+    assert gather.tolist() == [0, 1, 6, 2, 3, 4, 5, 6, 6] and read.tolist() == [0, 1, 3, 4, 5, 6]
+    # prompt 0,1 shared by responses 2 and 3,4: its outputs come from the first slot
+    gather, read = slot_layout(torch.tensor([[0, 1, 2, 5], [0, 1, 3, 4]]), 5)
+    assert read.tolist() == [0, 1, 2, 6, 7]
+
+
+def out_vocab(logits):
+    return logits.shape[-1]
 
 
 def test_packed_attention_matches_dense_mask_logits_and_grads(tmp_path, layout):
@@ -65,8 +74,51 @@ def test_packed_attention_matches_dense_mask_logits_and_grads(tmp_path, layout):
     dense, dense_g = run(attention_mask=mb.attention_mask)
     packed, packed_g = run(attention_mask=None, packed_seq_params=mb.local_packed_seq_params())
     real = int(mb.cu_seqlens[-1])
+    assert out_vocab(packed) == 250 and out_vocab(dense) == 250  # TP = 1: the real rows only (LocalGPTModel)
     assert dense.abs().max() > 0.1
     assert (packed[:, :real] - dense[:, :real]).abs().max().item() <= 1e-5
     for name, g in dense_g.items():
         assert g.abs().max() > 0 or name.endswith("bias"), name
         assert (packed_g[name] - g).abs().max().item() <= 1e-6 * max(1.0, g.abs().max().item()), name
+
+
+def _group_batch():
+    """Two prompts with 3 and 2 samples (one sample has a one-token response)."""
+    from megatron_oreal.types import TrainBatch, TrainSequence
+
+    g = torch.Generator().manual_seed(9)
+    rand = lambda n: torch.randint(1, 250, (n,), generator=g).tolist()
+    a, b = rand(5), rand(3)
+    return TrainBatch([TrainSequence(a, rand(r), 1.0, True) for r in (4, 1, 6)]
+                      + [TrainSequence(b, rand(r), -1.0, False) for r in (2, 5)])
+
+
+def test_shared_prompt_row_matches_sequences_packed_one_by_one(tmp_path, layout):
+    """Same log-probs and parameter gradients whether each prompt is packed once (share_prompts) or
+    once per sequence: the shared layout changes the work, not the result."""
+    from megatron_oreal.checkpoint.hf_io import load_hf_weights
+    from megatron_oreal.mcore.forward import response_logprobs
+    from megatron_oreal.mcore.hf_config import load_hf_config
+    from megatron_oreal.mcore.model import build_policy
+    from megatron_oreal.mcore.packing import pack_sequences
+
+    make_tiny_qwen2(tmp_path, seed=6)
+    model = build_policy(load_hf_config(tmp_path), layout)
+    load_hf_weights(model, tmp_path, layout)
+    batch = _group_batch()
+
+    def run(share):
+        mb = pack_sequences(batch, list(range(5)), with_mask=False, share_prompts=share)
+        model.zero_grad(set_to_none=True)
+        out = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.local_packed_seq_params())
+        logp = response_logprobs(out, mb, 250)
+        (logp * torch.linspace(-1.0, 2.0, logp.numel())).sum().backward()
+        return mb, logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared_mb, shared, shared_g = run(True)
+    plain_mb, plain, plain_g = run(False)
+    assert shared_mb.tokens.shape[1] == 5 + 11 + 3 + 7 and plain_mb.tokens.shape[1] == 15 + 11 + 6 + 7
+    assert shared.shape == plain.shape == (18,) and plain.min() < -1.0
+    assert (shared - plain).abs().max().item() <= 1e-5
+    for name, g in plain_g.items():
+        assert (shared_g[name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
