@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from megatron_oreal.rollout.engine import GenOutput, SamplingParams
+from megatron_oreal.rollout.lean_decode import LeanDecoder, unsupported_reason
 
 ATTN_NAME = "oreal_cpu_matmul"
 
@@ -89,6 +90,17 @@ class _PreallocLayer(DynamicLayer):
         self.length += t
         self._refresh()
         return self.keys, self.values
+
+    def append_step(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lean decode's write: key/value [B, H, D] of one new position. Returns the filled prefix as
+        (keys transposed [B, H, D, len], values [B, H, len, D]); `keys`/`values` are refreshed lazily
+        (only an HF forward reads them, and its `update` refreshes them first)."""
+        if self.length + 1 > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length}+1 > capacity {self.capacity}")
+        self._kt[:, :, :, self.length] = key
+        self._v[:, :, self.length] = value
+        self.length += 1
+        return self._kt[:, :, :, : self.length], self._v[:, :, : self.length]
 
     def _refresh(self) -> None:
         self.keys = self._kt[:, :, :, : self.length].transpose(2, 3)
@@ -166,7 +178,7 @@ class CPUEngine:
     """RolloutEngine on a `transformers` causal LM (an HF folder or a model object, deep-copied)."""
 
     def __init__(self, hf_dir_or_model: Any, tokenizer: Any = None, *, max_batch_rows: int = 512,
-                 dtype: torch.dtype = torch.float32, threads: int = 0):
+                 dtype: torch.dtype = torch.float32, threads: int = 0, lean: bool = True):
         if isinstance(hf_dir_or_model, (str, Path)):
             path = Path(hf_dir_or_model)
             if not (path / "config.json").is_file():
@@ -187,6 +199,10 @@ class CPUEngine:
         self.max_position = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self._params = dict(self.model.named_parameters())
         self._params.update(dict(self.model.named_buffers()))
+        # Decode steps use the lean forward (lean_decode.py) where it covers the model exactly; else
+        # (or with lean=False, for A/B checks) the HF forward. Chosen once here; why not: lean_off_reason.
+        self.lean_off_reason = "lean=False" if not lean else unsupported_reason(self.model)
+        self.lean = LeanDecoder(self.model) if self.lean_off_reason is None else None
         self._closed = False
 
     # ---- protocol ---------------------------------------------------------------------------
@@ -202,6 +218,8 @@ class CPUEngine:
             if self.max_position and len(p) >= self.max_position:
                 raise ValueError(f"CPUEngine.generate: prompt {i} is {len(p)} tokens; the model's "
                                  f"max_position_embeddings is {self.max_position}")
+        if self.lean is not None:
+            self.lean.refresh()  # re-fuse if a parameter was replaced rather than written in place
         per_chunk = max(1, self.max_batch_rows // sampling.n)
         results: list[list[GenOutput]] = []
         old_threads = torch.get_num_threads()
@@ -266,45 +284,54 @@ class CPUEngine:
         next_pos = lens.repeat_interleave(n)
         uniforms = self._uniforms(num, n, first_index, max_new, sp)
         stops = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long)
-        tokens: list[list[int]] = [[] for _ in range(num * n)]
-        logps: list[list[float]] = [[] for _ in range(num * n)]
+        # Outputs live in tensors, converted once at the end (per-row Python appends, a tolist and an
+        # isin/index bookkeeping per step cost more than the tiny model's step). A row stops and never
+        # resumes, so a row live at step s has emitted exactly s tokens: slot [g, s] is its next token.
+        # Slots past a row's end hold junk until it is compacted away; its length is found at the end.
+        out_tok = torch.zeros(num * n, max_new, dtype=torch.long)
+        out_lp = torch.zeros(num * n, max_new) if sp.return_logprobs else None
+        row_budget = budgets.clone()  # budgets of the rows in the batch, compacted with them
         live = budgets > 0
+        n_live = int(live.sum())
+        temp = sp.temperature if sp.temperature > 0 else 1.0
         for step in range(max_new):
             if step > 0:
-                if live.sum() < 0.75 * rows.numel():  # compact: drop finished rows from the batch
+                if n_live < 0.75 * rows.numel():  # compact: drop finished rows from the batch
                     keep = live.nonzero().squeeze(1)
                     cache.batch_select_indices(keep)
                     rows, key_mask, next_pos, live = rows[keep], key_mask[keep], next_pos[keep], live[keep]
-                    token, uniforms = token[keep], uniforms[keep]
-                kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
-                logits = self.model(input_ids=token[:, None], attention_mask=key_mask[..., :kv_len],
-                                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1]
+                    token, uniforms, row_budget = token[keep], uniforms[keep], row_budget[keep]
+                if self.lean is not None:
+                    logits = self.lean.step(token, next_pos, cache.layers, key_mask)
+                else:
+                    kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
+                    logits = self.model(input_ids=token[:, None], attention_mask=key_mask[..., :kv_len],
+                                        position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
+                                        logits_to_keep=1).logits[:, -1]
                 next_pos = next_pos + 1
             token = sample_tokens(logits, uniforms[:, step], sp)
-            if sp.return_logprobs:
-                temp = sp.temperature if sp.temperature > 0 else 1.0
-                lp = torch.log_softmax(logits.float() / temp, dim=-1).gather(1, token[:, None]).squeeze(1).tolist()
-            live_rows = live.nonzero().squeeze(1).tolist()
-            tok_list = token.tolist()
-            row_list = rows.tolist()
-            for k in live_rows:
-                g = row_list[k]
-                tokens[g].append(tok_list[k])
-                if sp.return_logprobs:
-                    logps[g].append(lp[k])
-            is_stop = torch.isin(token, stops) if stops.numel() else torch.zeros_like(live)
-            done_len = torch.tensor([len(tokens[g]) for g in row_list]) >= budgets[rows]
-            for k in (live & is_stop).nonzero().squeeze(1).tolist():
-                outputs[row_list[k] // n][row_list[k] % n].finish_reason = "stop"
-            live = live & ~is_stop & ~done_len
-            if not bool(live.any()):
+            out_tok[rows, step] = token
+            if out_lp is not None:
+                out_lp[rows, step] = torch.log_softmax(logits.float() / temp, dim=-1).gather(1, token[:, None]).squeeze(1)
+            live = live & (row_budget > step + 1)
+            if stops.numel():
+                live &= ~torch.isin(token, stops)
+            n_live = int(live.sum())
+            if n_live == 0:
                 break
+        # A row ends at its first stop token (included; reason "stop") or at its budget ("length").
+        within = torch.arange(max_new)[None, :] < budgets[:, None]
+        is_stop = (torch.isin(out_tok, stops) if stops.numel() else torch.zeros_like(within)) & within
+        lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, budgets)
+        token_lists, lengths, stop_flags = out_tok.tolist(), lengths.tolist(), is_stop.any(1).tolist()
+        lp_lists = out_lp.tolist() if out_lp is not None else None
         for g in range(num * n):
             out = outputs[g // n][g % n]
-            out.token_ids = tokens[g]
-            if sp.return_logprobs:
-                out.logprobs = logps[g]
+            out.token_ids = token_lists[g][: lengths[g]]
+            if stop_flags[g]:
+                out.finish_reason = "stop"
+            if lp_lists is not None:
+                out.logprobs = lp_lists[g][: lengths[g]]
         return outputs
 
     def _prefill(self, prompts: list[list[int]], n: int, max_new: int):
