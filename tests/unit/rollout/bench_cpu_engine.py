@@ -1,10 +1,12 @@
 """Speed of the CPU engine on the embedded default's shape (not collected by pytest; run by hand):
 
-    python tests/unit/rollout/bench_cpu_engine.py [--threads 2] [--hf-forward] [--hf-generate]
+    python tests/unit/rollout/bench_cpu_engine.py [--threads 2] [--hf-forward] [--hf-generate] [--model DIR]
 
 32 prompts x 8 samples x 30 new tokens from the 0.6M-param 4-layer Qwen2 of the tiny task
 (tiny_task_calibration.md §2). A random model rarely emits the stop token, so every row runs the
 full 30 tokens: the worst case. Prints wall and process CPU seconds per call (median of 5).
+--model examples/tiny/model --prompts 16 --new 32 is tools/bench_vs_trl.py's rollout shape (its
+trained-from-here model stops early, so rows drop out and per-step overhead weighs more).
 --hf-forward also times the engine with lean=False (every decode step an HF forward), interleaved
 with the lean engine call by call, so the ratio holds on a loaded machine.
 """
@@ -33,13 +35,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=30)
+    ap.add_argument("--model", default="", help="an HF folder with its tokenizer instead of the random tiny model")
     ap.add_argument("--hf-forward", action="store_true", help="also time the engine's HF-forward decode (lean=False), A/B")
     ap.add_argument("--hf-generate", action="store_true", help="also time transformers' generate on the same work")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tok = build_tokenizer()
-    out = Path("/tmp/bench_cpu_engine_model")
-    make_tiny_qwen2(out, vocab_size=len(tok), hidden=128, layers=4, heads=4, kv_heads=2, ffn=256, tie=True)
+    if args.model:
+        from transformers import AutoTokenizer
+
+        out, tok = Path(args.model), AutoTokenizer.from_pretrained(args.model)
+    else:
+        tok = build_tokenizer()
+        out = Path("/tmp/bench_cpu_engine_model")
+        make_tiny_qwen2(out, vocab_size=len(tok), hidden=128, layers=4, heads=4, kv_heads=2, ffn=256, tie=True)
     engines = {"lean": CPUEngine(out, tok)}
     if args.hf_forward:
         engines["hf-forward"] = CPUEngine(out, tok, lean=False)

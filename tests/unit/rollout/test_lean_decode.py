@@ -1,7 +1,7 @@
 """Lean decode (rollout/lean_decode.py) = the HF forward: greedy equal to HF `generate` token for token,
 sampled equal to the engine's HF-forward path (lean=False) for the same seed, on Qwen2 (q/k/v bias, GQA)
 and Llama variants (tied embeddings; attention and MLP biases, head_dim != hidden/heads, one KV head,
-llama3 rope scaling). Weights written in place or replaced are seen; unsupported configs fall back."""
+llama3 and dynamic rope scaling). Weights written in place or replaced are seen; unsupported configs fall back."""
 
 import pytest
 import torch
@@ -36,15 +36,18 @@ def _llama_variant(**overrides):
     return model
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama_tied", "llama_variant"])
+@pytest.fixture(scope="module", params=["qwen2", "llama_tied", "llama_variant", "llama_dynamic_rope"])
 def hf_model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     if request.param == "qwen2":
         make_tiny_qwen2(root, vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, tie=False, seed=0)
     elif request.param == "llama_tied":
         make_tiny_llama(root, vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, tie=True, seed=0)
-    else:
+    elif request.param == "llama_variant":
         return _llama_variant()
+    else:  # rope the lean step asks the rotary module for at every step (no table); its frequencies
+        # would change past max_position_embeddings, which the engine never reaches
+        return _llama_variant(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     return AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
 
 
@@ -82,13 +85,27 @@ def test_sampled_equals_hf_forward_path(hf_model):
                SamplingParams(n=3, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=10, seed=4,
                               return_logprobs=True)):
         a, b = lean.generate(prompts, sp), hf.generate(prompts, sp)
-        lengths = set()
+        lengths, ties = set(), 0
         for ga, gb in zip(a, b):
             for oa, ob in zip(ga, gb):
-                assert oa.token_ids == ob.token_ids and oa.finish_reason == ob.finish_reason
-                torch.testing.assert_close(torch.tensor(oa.logprobs), torch.tensor(ob.logprobs), atol=1e-4, rtol=0)
+                ties += _same_up_to_a_tie(oa, ob)
                 lengths.add(len(oa.token_ids))
+        assert ties <= 1  # rare (one seen in the ~100 rows of these tests); more would be a real difference
         assert len(lengths) > 1 or sp.stop_token_ids == ()  # stops hit: rows end at different steps
+
+
+def _same_up_to_a_tie(oa, ob) -> bool:
+    """Equal token ids and finish reason, log-probs within 1e-4; or equal up to a first difference
+    where both paths drew a token of the same log-prob (within 1e-5): two near-equal logits whose order
+    round-off swapped in top-p's sort (seen: -2.514147 vs -2.514146). Returns whether it was a tie."""
+    k = next((i for i, (x, y) in enumerate(zip(oa.token_ids, ob.token_ids)) if x != y), None)
+    if k is None:
+        assert oa.token_ids == ob.token_ids and oa.finish_reason == ob.finish_reason
+        torch.testing.assert_close(torch.tensor(oa.logprobs), torch.tensor(ob.logprobs), atol=1e-4, rtol=0)
+        return False
+    torch.testing.assert_close(torch.tensor(oa.logprobs[:k]), torch.tensor(ob.logprobs[:k]), atol=1e-4, rtol=0)
+    assert abs(oa.logprobs[k] - ob.logprobs[k]) < 1e-5, (k, oa.logprobs[k], ob.logprobs[k])
+    return True
 
 
 def test_weights_written_in_place_or_replaced_are_used(tmp_path):
