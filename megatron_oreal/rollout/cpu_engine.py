@@ -9,9 +9,15 @@ How a call runs (per chunk of prompts):
   2. repeat the KV cache `n` times (samples of a prompt share its prefill);
   3. decode one token per step for all live rows; rows that stop are dropped from the batch once
      enough of them are done (the cache is compacted), so long tails cost only their own rows.
-Two things make it fast on a tiny model (measured; tests/unit/rollout/bench_cpu_engine.py times it):
-a preallocated KV cache (HF's DynamicCache concatenates every step: quadratic copying), and a
-plain matmul attention for decoding (PyTorch's CPU flash-SDPA kernel costs ~6 ms per call at q=1).
+What makes it fast on a tiny model (measured; tests/unit/rollout/bench_cpu_engine.py times it):
+a preallocated KV cache (HF's DynamicCache concatenates every step: quadratic copying); a plain
+matmul attention for decoding (PyTorch's CPU flash-SDPA kernel costs ~6 ms per call at q=1); for
+Qwen2/Llama, a lean decode step (lean_decode.py: our own forward over the HF model's weights, fused
+q/k/v and gate/up, about a third of the ops; ~0.4-0.6x the HF forward's time at 1-16 rows, where the
+step is overhead, ~0.8-0.9x at 128 rows, where the matmuls are the cost); and outputs kept in
+tensors, converted to lists once per call. Other models, or `lean=False`, decode with the HF forward
+(the choice is made at construction; `lean_off_reason` says why). The prefill is always the HF
+forward (once per call); both paths read and write the same cache.
 
 Randomness: one generator per (seed, prompt position, sample index) draws all the uniforms of that
 row up front; tokens are drawn by inverse CDF. So a row's samples do not depend on the chunking or
@@ -177,7 +183,12 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampli
 
 
 class CPUEngine:
-    """RolloutEngine on a `transformers` causal LM (an HF folder or a model object, deep-copied)."""
+    """RolloutEngine on a `transformers` causal LM (an HF folder or a model object, deep-copied).
+
+    lean=True (default) decodes with lean_decode.LeanDecoder where it covers the model exactly
+    (Qwen2ForCausalLM, LlamaForCausalLM; see its docstring), else with the HF forward; lean=False
+    forces the HF forward (A/B checks: tests/unit/rollout/test_lean_decode.py, bench_cpu_engine.py).
+    """
 
     def __init__(self, hf_dir_or_model: Any, tokenizer: Any = None, *, max_batch_rows: int = 512,
                  dtype: torch.dtype = torch.float32, threads: int = 0, lean: bool = True):
