@@ -1,18 +1,20 @@
 """A lean one-token decode step for Llama-family models, reading the `transformers` model's own weights.
 
-Why: on the tiny rollout model an HF forward of one decode step (128 rows) costs ~3.2 ms, ~1.4 ms of it
-Python and dispatch overhead (module calls, hooks, mask and cache plumbing, kwargs checks), while the
-arithmetic is ~1.2 ms. This step does the same arithmetic with about a third of the ops: one fused
-q/k/v matmul, one rotary op pair on q and k together, one fused gate/up matmul, attention written
-directly against the engine's preallocated (transposed-key) cache.
+Why: an HF forward of one decode step is mostly Python and dispatch overhead at small batches (module
+calls, hooks, mask and cache plumbing, kwargs checks: 1.5 ms at 1 row on the tiny model, measured).
+This step does the same arithmetic with about a third of the ops: one fused q/k/v matmul, rope on q
+and k together from a cos/sin table, attention written directly against the engine's preallocated
+(transposed-key) cache, one fused gate/up matmul, residual adds inside addmm. At 128+ rows the
+matmuls dominate and the gain shrinks (tests/unit/rollout/bench_cpu_engine.py --step-table).
 
 Covered, checked once by `unsupported_reason` (anything else keeps the HF forward; the CPU engine
 chooses at construction): exactly `Qwen2ForCausalLM` or `LlamaForCausalLM` (SmolLM2 is Llama) with
 their own decoder/attention/MLP/RMSNorm classes, full attention on every layer (no sliding window),
 `hidden_act` silu. Biases (Qwen2's q/k/v, Llama's `attention_bias`/`mlp_bias`), tied embeddings,
 `head_dim`, GQA and `rms_norm_eps` are read from the modules. Rotary cos/sin come from the model's own
-`rotary_emb` module, called with the same position ids the HF forward would get, so every rope type
-transformers implements (scaled, dynamic, ...) gives what the HF path gives.
+`rotary_emb` module (tabulated once per call over the positions it will see; called every step for
+the dynamic/longrope types, whose frequencies follow the positions), so every rope type transformers
+implements gives what the HF path gives.
 
 Fusion without copies: the q/k/v (and gate/up) weights are moved once into one contiguous tensor per
 layer and the HF Linear parameters are re-pointed at row slices of it (row slices of a row-major
@@ -22,8 +24,9 @@ storage is replaced (`model.to(...)`, `load_state_dict(assign=True)`, a new nn.P
 sees the pointer change and fuses again; the engine calls it at the start of every `generate`.
 
 Results equal the HF forward's up to float round-off: the same formulas in the same order (RMSNorm in
-fp32 then cast, scores = (q @ k) * scaling + mask, fp32 softmax); only the matmul blocking of the
-fused weights and the rotate-half sign (exact) differ.
+fp32 then cast, bit-equal; fp32 softmax over the additive key mask). What differs in the last bits:
+the fused matmuls' blocking, the residual added inside addmm, and the attention scaling applied to q
+(with rope) instead of to the scores. The rotate-half sign trick and the roll are exact.
 """
 
 from __future__ import annotations
