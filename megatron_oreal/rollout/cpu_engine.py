@@ -227,6 +227,7 @@ class CPUEngine:
     lean=True (default) decodes with lean_decode.LeanDecoder where it covers the model exactly
     (Qwen2ForCausalLM, LlamaForCausalLM; see its docstring), else with the HF forward; lean=False
     forces the HF forward (A/B checks: tests/unit/rollout/test_lean_decode.py, bench_cpu_engine.py).
+    One `generate` at a time per engine: the KV workspace and the lean rope table are engine state.
     """
 
     def __init__(self, hf_dir_or_model: Any, tokenizer: Any = None, *, max_batch_rows: int = 512,
