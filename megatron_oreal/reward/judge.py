@@ -21,6 +21,8 @@ MAX_SOLUTION_CHARS = 400_000
 REASONS = ("correct", "wrong", "no_answer", "truncated", "timeout", "error")
 # finish_reason values (OpenAI / vLLM / SGLang) that mean the model stopped on its own.
 STOPPED = {None, "stop", "eos", "stop_word", "end_turn"}
+# A plain integer (the answer of most math problems): compared as one before the ~40 µs of `clean`.
+_INTEGER = re.compile(r"-?\d{1,40}")
 
 
 def _gold_answer(gold: str) -> str:
@@ -77,6 +79,8 @@ def fast_judge(solution: str, gold: str, stop_word: str | None = None, finish_re
     if reason is not None:
         return reason
     answer = answers[-1]
+    if _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(golden):  # most math golds: no normalising needed
+        return "correct" if int(answer) == int(golden) else "wrong"
     pa, ga = clean(answer), clean(golden)
     if compact(pa) == compact(ga):
         return "correct"
