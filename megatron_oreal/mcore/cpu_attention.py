@@ -93,7 +93,7 @@ class PackedLocalAttention(DotProductAttention):
         out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True,
                                              scale=scale, enable_gqa=heads != groups)
         out = out.transpose(1, 2).reshape(n_seq * max_len, heads * query.shape[3])
-        return out[read].unsqueeze(1)  # [L, 1, h*d] as DotProductAttention returns
+        return out.index_select(0, read).unsqueeze(1)  # [L, 1, h*d], as DotProductAttention
 
 
 class LocalGPTModel(GPTModel):

@@ -97,7 +97,25 @@ def optimizer_step(optimizer) -> tuple[bool, float]:
         if params and opt.config.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm,
                                          opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    _fuse_cpu_adam(optimizer)
     return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def _fuse_cpu_adam(optimizer) -> None:
+    """Run torch's AdamW fused on CPU parameters (the CPU path without TE/apex optimizers).
+
+    Megatron builds `torch.optim.AdamW` with its defaults, which on CPU tensors is the per-tensor
+    Python loop: 3.5 ms a step for the tiny model's 51 tensors against 0.4 ms fused (the same update;
+    torch >= 2.4 has the fused kernel on CPU). Set before every step rather than once at build
+    because loading an optimizer checkpoint restores the param_groups' flags as they were saved.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if not group.get("fused") and all(p.device.type == "cpu" for p in group["params"]):
+                group["foreach"], group["fused"] = False, True
 
 
 def zero_grads(ddp_model, optimizer) -> None:
