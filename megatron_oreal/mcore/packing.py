@@ -10,8 +10,8 @@ Shared prompts (`share_prompts=True`, the local spec only): the n samples of a p
 prompt tokens, whose hidden states are identical in every sample (causal attention: a prompt token
 sees only the prompt). Such sequences are packed as one segment, the prompt once followed by each
 response: [p0 p1 p2 | a0 a1 | b0 b1 b2]. Response b attends to the prompt and to itself only (its slot
-is [p0 p1 p2 b0 b1 b2]), its positions continue the prompt's (3, 4, 5), and b's first token is
-predicted by the shared last prompt position, as is a's. The outputs are those of the sequences
+is [p0 p1 p2 b0 b1 b2]; last tokens are left out, below), its positions continue the prompt's
+(3, 4, 5), and b's first token is predicted by the shared last prompt position, as is a's. The outputs are those of the sequences
 packed one by one, for ~30 % fewer tokens per forward and backward in the tiny task's groups of 8
 (a 7-token prompt under ~16-token responses). The GPU's THD attention has no such layout; there
 every sequence keeps its own copy of the prompt.
@@ -25,7 +25,9 @@ cost), cut into several units when the whole group is over the budget.
 Every rank computes the same split from the same batch, so no communication is needed to agree.
 
 Alignment (docs/algorithm.md §3 / §8.1 item 7): with prompt length P and response length R, the positions
-P-1 .. P+R-2 of a sequence predict its R response tokens. `pred_index` lists, for every response token
+P-1 .. P+R-2 of a sequence predict its R response tokens. Its last token predicts nothing and no
+later token attends to it, so it is not fed at all: a sequence takes P+R-1 row positions (~6 % fewer
+tokens at the tiny task's lengths, on both paths). `pred_index` lists, for every response token
 in order (sequence by sequence, in `seq_indices` order), the row position whose output predicts it,
 and `pred_labels` the token: per-position outputs (log-probs, RM scores) taken there form the packed
 response-token layout with offsets `resp_cu_seqlens`. With shared prompts one row position (the
@@ -123,7 +125,8 @@ def _check_sequence(i: int, s: TrainSequence) -> None:
 
 
 def seq_len(s: TrainSequence) -> int:
-    return len(s.prompt_ids) + len(s.response_ids)
+    """Row positions a sequence takes: its last token is not fed (see the module docstring)."""
+    return len(s.prompt_ids) + len(s.response_ids) - 1
 
 
 def split_across_dp(lengths: list[int], dp: int) -> list[list[int]]:
@@ -217,11 +220,11 @@ def pack_sequences(
         for i in group:
             resp = list(batch.sequences[i].response_ids)
             first = len(tokens)
-            tokens += resp
-            pos += range(p, p + len(resp))
-            rows = list(range(first, first + len(resp)))
+            tokens += resp[:-1]  # the last token predicts nothing: a label only, never an input
+            pos += range(p, p + len(resp) - 1)
+            rows = list(range(first, first + len(resp) - 1))
             slot_pos.append(list(range(start, start + p)) + rows)
-            preds[i] = ([start + p - 1] + rows[:-1], resp)
+            preds[i] = ([start + p - 1] + rows, resp)
         cu.append(len(tokens))
     n = len(tokens)
     pad = (-n) % pad_to_multiple if n else pad_to_multiple  # an empty share still needs one position
@@ -261,7 +264,7 @@ def _units(batch: TrainBatch, budget: int, share_prompts: bool) -> list[tuple[li
         p = len(batch.sequences[group[0]].prompt_ids)
         part, cost = [], p
         for i in group:
-            r = len(batch.sequences[i].response_ids)
+            r = len(batch.sequences[i].response_ids) - 1
             if part and cost + r > budget:
                 units.append((part, cost))
                 part, cost = [], p

@@ -27,20 +27,22 @@ def _batch():
 
 def test_row_layout_and_alignment():
     mb = pack_sequences(_batch(), [0, 1, 2], pad_to_multiple=4)
-    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
-    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    # each sequence's last token predicts nothing and is not fed: P + R - 1 positions each, then padding
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 6, 7, 8, 10, 11, 0, 0, 0]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2]]
     # P-1 .. P+R-2 of each sequence predict its R response tokens (docs/algorithm.md §8.1 item 7)
-    assert mb.pred_index.tolist() == [2, 3, 5, 6, 7, 10]
+    assert mb.pred_index.tolist() == [2, 3, 4, 5, 6, 8]
     assert mb.pred_labels.tolist() == [4, 5, 7, 8, 9, 12]
-    assert (mb.tokens[0, mb.pred_index + 1] == mb.pred_labels).all()  # whole sequences: the next token
-    assert mb.slots.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 12], [9, 10, 11, 12, 12]]
-    assert mb.cu_seqlens.tolist() == [0, 5, 9, 12] and mb.resp_cu_seqlens.tolist() == [0, 2, 5, 6]
+    fed = mb.pred_index + 1 < torch.tensor([4, 4, 7, 7, 7, 9])  # a label that is also fed is the next token
+    assert (mb.tokens[0, (mb.pred_index + 1)[fed]] == mb.pred_labels[fed]).all() and fed.sum() == 3
+    assert mb.slots.tolist() == [[0, 1, 2, 3], [4, 5, 6, 12], [7, 8, 12, 12], [9, 10, 11, 12]]
+    assert mb.cu_seqlens.tolist() == [0, 4, 7, 9] and mb.resp_cu_seqlens.tolist() == [0, 2, 5, 6]
     assert mb.advantages.tolist() == [1.5, -0.5, 0.25] and mb.is_positive.tolist() == [True, False, True]
     mask = mb.attention_mask[0, 0]
-    assert not mask[4, 0] and mask[5, 4] and not mask[8, 5] and mask[5, 6]  # block-diagonal causal
+    assert not mask[3, 0] and mask[4, 3] and not mask[6, 4] and mask[4, 5]  # block-diagonal causal
     padded = pack_sequences(_batch(), [1], pad_to_multiple=8)
     assert padded.tokens.shape == (1, 8) and padded.pred_index.tolist() == [0, 1, 2]
-    assert padded.attention_mask[0, 0, 5, 3] and not padded.attention_mask[0, 0, 5, 4]  # pad is its own block
+    assert padded.attention_mask[0, 0, 4, 2] and not padded.attention_mask[0, 0, 4, 3]  # pad is its own block
     assert block_causal_mask(torch.tensor([0, 2]), 2)[0, 0].tolist() == [[False, True], [False, False]]
 
 
@@ -95,7 +97,7 @@ def test_thd_params_for_the_gpu_path():
     mb = pack_sequences(_batch(), [0, 1], with_mask=False, pad_to_multiple=16)
     p = mb.packed_seq_params()
     assert p.qkv_format == "thd" and p.cu_seqlens_q.dtype == torch.int32
-    assert p.cu_seqlens_q.tolist() == [0, 5, 9, 16] and p.max_seqlen_q == 7  # padding is its own sequence
+    assert p.cu_seqlens_q.tolist() == [0, 4, 7, 16] and p.max_seqlen_q == 9  # padding is its own sequence
     assert mb.attention_mask is None
 
 
@@ -112,32 +114,32 @@ def _group_batch():
 def test_shared_prompt_row_layout():
     mb = pack_sequences(_group_batch(), [0, 1, 2, 3], share_prompts=True)
     # A once, then its three responses; then B and its response
-    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 9, 10, 11, 12, 6, 7, 8]]
-    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3, 0, 1, 2]]
-    assert mb.cu_seqlens.tolist() == [0, 9, 12] and mb.shares_prompts
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 9, 10, 6, 7]]  # last tokens (5, 11, 12, 8) are labels only
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 3, 4, 0, 1]]
+    assert mb.cu_seqlens.tolist() == [0, 6, 8] and mb.shares_prompts
     # the response-token layout keeps the caller's order: seq 0, 1, 2, 3
     assert mb.resp_cu_seqlens.tolist() == [0, 2, 3, 6, 7]
     assert mb.pred_labels.tolist() == [4, 5, 8, 9, 10, 11, 12]
     # A's last prompt position (2) predicts the first token of each of its responses
-    assert mb.pred_index.tolist() == [2, 3, 10, 2, 5, 6, 2]
-    assert mb.slots.tolist() == [[0, 1, 2, 3, 4, 12], [0, 1, 2, 5, 6, 7], [0, 1, 2, 8, 12, 12], [9, 10, 11, 12, 12, 12]]
+    assert mb.pred_index.tolist() == [2, 3, 7, 2, 4, 5, 2]
+    assert mb.slots.tolist() == [[0, 1, 2, 3, 8], [0, 1, 2, 4, 5], [0, 1, 2, 8, 8], [6, 7, 8, 8, 8]]
     m = ~mb.attention_mask[0, 0]  # True = may attend
-    assert m[5, :3].all() and not m[5, 3] and not m[5, 4] and m[5, 5]  # response 2 skips response 0
-    assert m[8, :3].all() and not m[8, 3:8].any() and m[8, 8]
-    assert not m[9, :9].any() and m[11, 9:12].all()  # prompt B sees nothing of A
+    assert m[4, :3].all() and not m[4, 3] and m[4, 4]  # response 2 skips response 0
+    assert m[5, :3].all() and not m[5, 3] and m[5, 4:6].all()
+    assert not m[6, :6].any() and m[7, 6:8].all()  # prompt B sees nothing of A
     plain = pack_sequences(_group_batch(), [0, 1, 2, 3])
-    assert not plain.shares_prompts and plain.tokens.shape == (1, 18)
+    assert not plain.shares_prompts and plain.tokens.shape == (1, 14)
     assert plain.pred_labels.tolist() == mb.pred_labels.tolist()
 
 
 def test_shared_prompt_units_stay_whole_and_split_over_budget():
     b = _group_batch()
     one = build_micro_batches(b, 0, 1, 100, share_prompts=True)
-    assert len(one) == 1 and one[0].tokens.shape == (1, 12)
-    # budget 7: group A (3 + 2 + 3 + 1 = 9 tokens) is cut into [0] (5 tokens) and [2, 3] (3 + 3 + 1 = 7)
-    mbs = build_micro_batches(b, 0, 1, 7, share_prompts=True)
+    assert len(one) == 1 and one[0].tokens.shape == (1, 8)
+    # budget 5: group A (3 + 1 + 2 + 0 = 6 row tokens) is cut into [0] (4 tokens) and [2, 3] (3 + 2 + 0 = 5)
+    mbs = build_micro_batches(b, 0, 1, 5, share_prompts=True)
     assert sorted(i for mb in mbs for i in mb.seq_indices) == [0, 1, 2, 3]
-    assert all(mb.tokens.shape[1] <= 7 for mb in mbs)
+    assert all(mb.tokens.shape[1] <= 5 for mb in mbs)
     assert sorted(tuple(mb.seq_indices) for mb in mbs) == [(0,), (1,), (2, 3)]
     # DP: each rank gets whole units; together they cover the batch exactly once
     shares = [build_micro_batches(b, r, 2, 100, share_prompts=True) for r in range(2)]

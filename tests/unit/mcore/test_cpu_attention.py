@@ -62,7 +62,7 @@ def test_packed_attention_matches_dense_mask_logits_and_grads(tmp_path, layout):
     attn = [m for m in model.modules() if isinstance(m, PackedLocalAttention)]
     assert attn and attn[0].num_attention_heads_per_partition != attn[0].num_query_groups_per_partition
 
-    mb = pack_sequences(_batch(), [0, 1, 2, 3], pad_to_multiple=8)  # 38 tokens + 2 padding
+    mb = pack_sequences(_batch(), [0, 1, 2, 3], pad_to_multiple=8)  # 34 tokens + 6 padding
     assert mb.tokens.shape[1] == 40 and mb.attention_mask is not None
 
     def run(**kw):
@@ -117,7 +117,8 @@ def test_shared_prompt_row_matches_sequences_packed_one_by_one(tmp_path, layout)
 
     shared_mb, shared, shared_g = run(True)
     plain_mb, plain, plain_g = run(False)
-    assert shared_mb.tokens.shape[1] == 5 + 11 + 3 + 7 and plain_mb.tokens.shape[1] == 15 + 11 + 6 + 7
+    # last tokens are not fed: responses 4, 1, 6 and 2, 5 take 3, 0, 5 and 1, 4 positions
+    assert shared_mb.tokens.shape[1] == 5 + 8 + 3 + 5 and plain_mb.tokens.shape[1] == 8 + 5 + 10 + 4 + 7
     assert shared.shape == plain.shape == (18,) and plain.min() < -1.0
     assert (shared - plain).abs().max().item() <= 1e-5
     for name, g in plain_g.items():
