@@ -1,6 +1,6 @@
 """Side by side on the CPU: Hugging Face TRL's GRPOTrainer vs ours, same tiny model, prompts and shape.
 
-    python tools/bench_vs_trl.py [--steps 8] [--rounds 1] [--threads 0] [--sides trl,grpo,oreal]
+    python tools/bench_vs_trl.py [--steps 8] [--rounds 3] [--threads 0] [--sides trl,grpo,oreal] [--trl-gradient-checkpointing]
 
 Shape (issue 13): 16 prompts x 8 samples per step, <= 32 new tokens, T = 1, k3 KL 0.01, one optimizer
 step per rollout, fp32, model examples/tiny/model, prompts = the first 16 x steps problems of
@@ -20,7 +20,12 @@ ru_maxrss: the largest single process of that tree; our reward workers are separ
 
 TRL lives in its own venv, built on first use at ~/.cache/megatron-oreal/trl-venv (pinned below,
 torch pinned to the project's 2.13.0 CPU wheel). Timings depend on machine load: the tool prints
-the load average next to each side; compare ratios from one invocation.
+the load average next to each side; compare ratios from one invocation. On a shared VM the speed of
+both sides drifts together by tens of percent over a minute, so the sides run in interleaved rounds
+and each round's ratio is printed as well as the medians.
+
+TRL's default recomputes activations in backward (gradient checkpointing); the comparison turns it
+off, the stricter baseline, and --trl-gradient-checkpointing measures TRL as configured by default.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def median_after_warmup(times: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per side (the first is warm-up)")
-    ap.add_argument("--rounds", type=int, default=1, help="run the sides this many times, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="run the sides this many times, interleaved "
+                    "(the per-round ratios are printed too)")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads for both sides (0 = default)")
     ap.add_argument("--sides", default="trl,grpo,oreal")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -149,6 +155,14 @@ def main() -> int:
         ratio = f"{med / trl:.2f}x" if trl else "-"
         cratio = f"{cpu / trl_cpu:.2f}x" if trl_cpu else "-"
         print(f"{side:<8}{med:>15.3f}{ratio:>9}{cpu:>12.3f}{cratio:>9}{r['peak_gb']:>14.2f}")
+    if trl and args.rounds > 1:
+        # Each round runs the sides back to back, so a ratio within a round sees the same machine speed;
+        # on a shared VM the speed drifts by tens of percent between rounds, which the medians above mix.
+        for side, r in results.items():
+            if side != "trl":
+                per = [a / b for a, b in zip(r["step_s"], results["trl"]["step_s"])]
+                print(f"{side}: per-round s/step vs TRL {', '.join(f'{x:.2f}x' for x in per)}; "
+                      f"median {statistics.median(per):.2f}x")
     print(f"(cpu count {os.cpu_count()}, threads {args.threads or 'default'}, {args.rounds} round(s); "
           f"work dir {work})")
     return 0
