@@ -81,12 +81,14 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(env.local_rank)
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        port = env.master_port or (_free_port() if env.world_size == 1 else 29500)
-        os.environ.setdefault("MASTER_PORT", str(port))
+        # The rendezvous address goes in the init URL, not into os.environ: a single-process run picks a
+        # free port, and leaving it in MASTER_PORT would hand it to every child this process starts
+        # (a torchrun, the convert CLI) while this process's store may still hold it.
+        addr = os.environ.get("MASTER_ADDR") or env.master_addr
+        port = os.environ.get("MASTER_PORT") or env.master_port or (_free_port() if env.world_size == 1 else 29500)
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            init_method=f"tcp://{addr}:{port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(minutes=timeout_minutes),
