@@ -36,11 +36,31 @@ def test_slot_layout_gathers_each_sequence_and_reads_a_shared_prompt_once():
 
     slots = slots_of_segments(torch.tensor([0, 2, 5], dtype=torch.int32), 6)
     assert slots.tolist() == [[0, 1, 6], [2, 3, 4], [5, 6, 6]]  # the trailing padding is a slot of its own
-    gather, read = slot_layout(slots, 6)
-    assert gather.tolist() == [0, 1, 6, 2, 3, 4, 5, 6, 6] and read.tolist() == [0, 1, 3, 4, 5, 6]
-    # prompt 0,1 shared by responses 2 and 3,4: its outputs come from the first slot
-    gather, read = slot_layout(torch.tensor([[0, 1, 2, 5], [0, 1, 3, 4]]), 5)
-    assert read.tolist() == [0, 1, 2, 6, 7]
+    (bucket,), read = slot_layout(slots, 6)  # 3 slots: one bucket
+    gather, n, width = bucket
+    assert (n, width) == (3, 3)
+    # slots shortest first: [5] then [0, 1] then [2, 3, 4]
+    assert gather.tolist() == [5, 6, 6, 0, 1, 6, 2, 3, 4] and read.tolist() == [3, 4, 6, 7, 8, 0]
+    # prompt 0,1 shared by responses 2 and 3,4: its outputs come from the first slot read
+    (bucket,), read = slot_layout(torch.tensor([[0, 1, 2, 5], [0, 1, 3, 4]]), 5)
+    assert bucket[0].tolist() == [0, 1, 2, 5, 0, 1, 3, 4] and read.tolist() == [0, 1, 2, 6, 7]
+
+
+def test_slot_layout_buckets_by_length():
+    from megatron_oreal.mcore.cpu_attention import slot_layout
+
+    lengths = [1 + (7 * i) % 10 for i in range(24)]  # 24 slots of 1..10 positions
+    length = sum(lengths)
+    slots = torch.full((24, 10), length)
+    start = 0
+    for i, n in enumerate(lengths):
+        slots[i, :n] = torch.arange(start, start + n)
+        start += n
+    buckets, read = slot_layout(slots, length)
+    assert [(n, w) for _, n, w in buckets] == [(8, 3), (8, 7), (8, 10)]  # 3 x 8 slots, each its own width
+    flat = torch.cat([g for g, _, _ in buckets])
+    assert (flat[read] == torch.arange(length)).all()  # every position read back from where it was put
+    assert sum(n * w for _, n, w in buckets) < 24 * 10
 
 
 def out_vocab(logits):
@@ -123,3 +143,35 @@ def test_shared_prompt_row_matches_sequences_packed_one_by_one(tmp_path, layout)
     assert (shared - plain).abs().max().item() <= 1e-5
     for name, g in plain_g.items():
         assert (shared_g[name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
+
+
+def test_bucketed_attention_matches_dense_mask(tmp_path, layout):
+    """30 sequences of 2..31 tokens: three buckets of slots; logits and gradients as with the dense mask."""
+    from megatron_oreal.checkpoint.hf_io import load_hf_weights
+    from megatron_oreal.mcore.cpu_attention import slot_layout
+    from megatron_oreal.mcore.hf_config import load_hf_config
+    from megatron_oreal.mcore.model import build_policy
+    from megatron_oreal.mcore.packing import pack_sequences
+    from megatron_oreal.types import TrainBatch, TrainSequence
+
+    make_tiny_qwen2(tmp_path, seed=8)
+    model = build_policy(load_hf_config(tmp_path), layout)
+    load_hf_weights(model, tmp_path, layout)
+    g = torch.Generator().manual_seed(3)
+    seqs = [TrainSequence(torch.randint(1, 250, (1 + i % 4,), generator=g).tolist(),
+                          torch.randint(1, 250, (2 + (11 * i) % 29,), generator=g).tolist(), 1.0, True)
+            for i in range(30)]
+    mb = pack_sequences(TrainBatch(seqs), list(range(30)))
+    assert len(slot_layout(mb.slots, mb.tokens.shape[1])[0]) == 3
+
+    def run(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(mb.tokens, mb.position_ids, **kw)
+        (out.float().pow(2).mean()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    dense, dense_g = run(attention_mask=mb.attention_mask, packed_seq_params=None)
+    packed, packed_g = run(attention_mask=None, packed_seq_params=mb.local_packed_seq_params())
+    assert (packed - dense).abs().max().item() <= 1e-5
+    for name, grad in dense_g.items():
+        assert (packed_g[name] - grad).abs().max().item() <= 1e-5 * max(1.0, grad.abs().max().item()), name
