@@ -87,10 +87,9 @@ class PackedLocalAttention(DotProductAttention):
         if batch != 1:
             raise ValueError(f"PackedLocalAttention: a packed row has batch size 1, got {batch}")
         slots = getattr(packed_seq_params, "slots", None)
-        if slots is None:  # a caller-built PackedSeqParams: whole sequences at cu_seqlens
-            from megatron_oreal.mcore.packing import slots_of_segments
-
-            slots = packed_seq_params.slots = slots_of_segments(packed_seq_params.cu_seqlens_q.cpu(), length)
+        if slots is None:
+            raise ValueError("PackedLocalAttention: the packed row carries no `slots`; build its parameters "
+                             "with MicroBatch.local_packed_seq_params()")
         if not self._covered():
             from megatron_oreal.mcore.packing import slots_mask
 

@@ -185,11 +185,6 @@ def slots_mask(slots: Tensor, length: int) -> Tensor:
     return ~seen[:length, :length][None, None]
 
 
-def block_causal_mask(cu_seqlens: Tensor, length: int) -> Tensor:
-    """[1, 1, L, L] bool, True = masked: token i sees token j only if same sequence and j <= i."""
-    return slots_mask(slots_of_segments(cu_seqlens, length), length)
-
-
 def _prompt_groups(batch: TrainBatch, indices: list[int]) -> list[list[int]]:
     """indices grouped by identical prompt, groups in order of first appearance."""
     groups: dict[tuple[int, ...], list[int]] = {}

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _randomise(model, seed: int) -> None:
+def randomise_norms_and_biases(model, seed: int) -> None:
+    """Norm weights ~ 1 + 0.1 N(0, 1), biases ~ 0.1 N(0, 1), from a generator seeded with seed + 1."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,7 +63,7 @@ def make_tiny_qwen2(path, *, vocab_size=250, tie=False, hidden=64, layers=2, hea
                          initializer_range=0.05, bos_token_id=1, eos_token_id=2, torch_dtype="float32")
     config.architectures = ["Qwen2ForCausalLM"]
     model = Qwen2ForCausalLM(config).float()
-    _randomise(model, seed)
+    randomise_norms_and_biases(model, seed)
     return _write(model, config, str(path), shards, tie)
 
 
@@ -79,5 +80,5 @@ def make_tiny_llama(path, *, vocab_size=250, tie=False, hidden=64, layers=2, hea
                          eos_token_id=2, torch_dtype="float32")
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config).float()
-    _randomise(model, seed)
+    randomise_norms_and_biases(model, seed)
     return _write(model, config, str(path), shards, tie)

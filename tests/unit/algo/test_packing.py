@@ -6,11 +6,12 @@ import torch
 from megatron_oreal.algo.losses import policy_loss
 from megatron_oreal.config import AlgoConfig
 from megatron_oreal.mcore.packing import (
-    block_causal_mask,
     build_micro_batches,
     global_counts,
     local_counts,
     pack_sequences,
+    slots_mask,
+    slots_of_segments,
     split_across_dp,
     split_by_token_budget,
 )
@@ -43,7 +44,7 @@ def test_row_layout_and_alignment():
     padded = pack_sequences(_batch(), [1], pad_to_multiple=8)
     assert padded.tokens.shape == (1, 8) and padded.pred_index.tolist() == [0, 1, 2]
     assert padded.attention_mask[0, 0, 4, 2] and not padded.attention_mask[0, 0, 4, 3]  # pad is its own block
-    assert block_causal_mask(torch.tensor([0, 2]), 2)[0, 0].tolist() == [[False, True], [False, False]]
+    assert slots_mask(slots_of_segments(torch.tensor([0, 2]), 2), 2)[0, 0].tolist() == [[False, True], [False, False]]
 
 
 def test_splits_balance_and_cover():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from helpers.tiny_hf import make_tiny_llama, make_tiny_qwen2
+from helpers.tiny_hf import make_tiny_llama, make_tiny_qwen2, randomise_norms_and_biases
 from megatron_oreal.rollout.cpu_engine import CPUEngine
 from megatron_oreal.rollout.engine import SamplingParams
 
@@ -26,13 +26,7 @@ def _llama_variant(**overrides):
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
     kw.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
-    g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    randomise_norms_and_biases(model, seed=7)
     return model
 
 
