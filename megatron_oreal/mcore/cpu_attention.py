@@ -68,6 +68,18 @@ def slot_layout(slots: Tensor, length: int, max_buckets: int = MAX_BUCKETS) -> t
     return buckets, first[:length]
 
 
+def row_slot_layout(packed_seq_params, like: Tensor) -> tuple[list, Tensor]:
+    """slot_layout of a packed row's slots on `like`'s device, computed once per row (it is the same
+    for every layer of a forward) and cached on the row's PackedSeqParams."""
+    layout = getattr(packed_seq_params, "_slot_layout", None)
+    if layout is None:
+        slots = packed_seq_params.slots
+        buckets, read = slot_layout(slots.cpu(), int(packed_seq_params.max_seqlen_q))
+        layout = ([(g.to(like.device), n, w) for g, n, w in buckets], read.to(like.device))
+        packed_seq_params._slot_layout = layout
+    return layout
+
+
 class PackedLocalAttention(DotProductAttention):
     """DotProductAttention that runs a packed row sequence by sequence (see the module docstring)."""
 
@@ -96,12 +108,7 @@ class PackedLocalAttention(DotProductAttention):
             mask = slots_mask(slots.cpu(), length).to(query.device)
             return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
 
-        layout = getattr(packed_seq_params, "_slot_layout", None)  # the same for every layer of a forward
-        if layout is None:
-            buckets, read = slot_layout(slots.cpu(), length)
-            layout = ([(g.to(query.device), n, w) for g, n, w in buckets], read.to(query.device))
-            packed_seq_params._slot_layout = layout
-        buckets, read = layout
+        buckets, read = row_slot_layout(packed_seq_params, query)
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         heads, groups = self.num_attention_heads_per_partition, self.num_query_groups_per_partition
 
@@ -143,6 +150,31 @@ class LocalGPTModel(GPTModel):
             # GPTModel builds its output layer itself; this subclass only narrows the forward (no new state).
             self.output_layer.__class__ = RealVocabOutputLayer
             self.output_layer.real_rows = real_vocab_size
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                inference_context=None, packed_seq_params=None, extra_block_kwargs=None,
+                runtime_gather_output=None, **kwargs):
+        if (packed_seq_params is not None and getattr(packed_seq_params, "slots", None) is not None
+                and decoder_input is None and labels is None and inference_context is None
+                and not extra_block_kwargs and not any(v is not None for v in kwargs.values())
+                and self.lean_off_reason() is None):
+            from megatron_oreal.mcore.lean_forward import lean_forward
+
+            return lean_forward(self, input_ids, packed_seq_params, row_slot_layout(packed_seq_params, input_ids))
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
+                               packed_seq_params, extra_block_kwargs, runtime_gather_output, **kwargs)
+
+    def lean_off_reason(self) -> str | None:
+        """None when packed rows take lean_forward.py's path; else why they take Megatron's forward.
+        Decided once per model (its structure and config do not change after building), unless
+        `lean = False` was set on it (A/B checks, tests)."""
+        if not getattr(self, "lean", True):
+            return "lean = False"
+        if not hasattr(self, "_lean_off_reason"):
+            from megatron_oreal.mcore.lean_forward import unsupported_reason
+
+            self._lean_off_reason = unsupported_reason(self)
+        return self._lean_off_reason
 
     def _preprocess(self, *args, **kwargs):
         out = super()._preprocess(*args, **kwargs)

@@ -1,0 +1,271 @@
+"""A lean forward for packed rows on the CPU path: the same model and parameters, fewer and cheaper ops.
+
+Why: at TP = PP = 1 on a CPU the decoder's own arithmetic is small (the tiny model's 128-wide layers)
+and what Megatron's generic layer code adds around it shows up in the step time: a per-layer RoPE
+table (cos, sin, a cat each), autograd's zero-filled gradients for every slice of the fused q/k/v and
+gate/up outputs, a composite RMSNorm backward, separate residual adds, flash attention tuned for long
+sequences (at head dim 32 and ~40-position slots a plain batched matmul is twice as fast). Measured on
+the tiny model, one 2.4 k-token micro-batch of 128 sequences sharing 16 prompts, one thread, CPU
+time: see `LocalGPTModel` and tools/bench_vs_trl.py for the figures in use.
+
+`lean_forward(model, input_ids, params)` computes exactly what `GPTModel.forward` computes for the
+row (logits [1, L, V] or the token RM's scores [1, L, 1]) up to float round-off, on the model's own
+parameter objects, so DDP's gradient hooks, the optimizer and ReferenceWeights see no difference:
+- embedding, final norm and output layer are the model's modules, called as Megatron calls them;
+- each layer is RMSNorm -> fused q/k/v matmul -> RoPE on q and k by each token's position in its
+  sequence -> causal attention within each slot (packing.py's slots, in cpu_attention.slot_layout's
+  length buckets) -> output projection with the residual added inside addmm -> RMSNorm -> fc1 ->
+  SwiGLU -> fc2 with the residual added inside addmm;
+- three autograd Functions (`_RMSNorm`, `_SwiGLU`, `_SlotAttention`) have hand-written backwards
+  that write each gradient once, where autograd would zero-fill and accumulate per slice.
+
+`unsupported_reason(model)` says why a model is not covered (None when it is); LocalGPTModel falls
+back to Megatron's forward then, and for any call this path does not take (see `LocalGPTModel`).
+Tests: tests/unit/mcore/test_lean_forward.py compares logits and every parameter gradient with
+Megatron's forward on the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x [N, H]. The same forward as
+    torch.nn.RMSNorm (bit-equal, measured); the backward is 6 ops instead of the composite's ~12."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xhat, rstd, weight = ctx.saved_tensors
+        gw = grad * weight
+        dweight = (grad * xhat).sum(0)
+        # d/dx of xhat: (gw - xhat * mean(gw * xhat)) * rstd
+        dx = gw.sub_(xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(rstd)
+        return dx, dweight, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up for fc1's output [N, 2F] = [gate; up] (Megatron's gated linear unit layout).
+    The backward writes both halves of one [N, 2F] gradient (autograd would concatenate two)."""
+
+    @staticmethod
+    def forward(ctx, fc1: Tensor) -> Tensor:
+        ctx.save_for_backward(fc1)
+        gate, up = fc1.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (fc1,) = ctx.saved_tensors
+        gate, up = fc1.chunk(2, dim=-1)
+        out = torch.empty_like(fc1)
+        dgate, dup = out.chunk(2, dim=-1)
+        torch.mul(grad, up, out=dup)  # scratch: d(silu(gate)) = grad * up
+        torch.ops.aten.silu_backward.grad_input(dup, gate, grad_input=dgate)
+        torch.mul(F.silu(gate), grad, out=dup)
+        return out
+
+
+def _rotate(src: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """RoPE (rotate-half form) of src [N, G, K, D] by cos/sin [N, 1, 1, 1, D/2]; sign -1 rotates back
+    (the backward of a rotation is the rotation by the opposite angle). Returns a new contiguous tensor."""
+    n, g, k, d = src.shape
+    x = src.contiguous().view(n, g, k, 2, d // 2)
+    out = torch.mul(x, cos)
+    out[:, :, :, 0].addcmul_(x[:, :, :, 1], sin[:, :, :, 0], value=-sign)
+    out[:, :, :, 1].addcmul_(x[:, :, :, 0], sin[:, :, :, 0], value=sign)
+    return out.view(n, g, k, d)
+
+
+_MASKS: dict[tuple, Tensor] = {}
+
+
+def _causal_bias(width: int, repeat: int, dtype: torch.dtype, device) -> Tensor:
+    """Additive causal mask [repeat * width, width] (0 on and below the diagonal, -inf above), the
+    same for each of the `repeat` query heads stacked on a key/value head (GQA). Cached: widths are
+    bounded by the longest sequence."""
+    key = (width, repeat, dtype, str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        upper = torch.ones(width, width, dtype=torch.bool, device=device).triu(1)
+        mask = torch.zeros(width, width, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
+        mask = _MASKS[key] = mask.repeat(repeat, 1)
+    return mask
+
+
+class _SlotAttention(torch.autograd.Function):
+    """Causal attention of every slot of a packed row, from the fused q/k/v projection.
+
+    qkv [N, G * (R + 2) * D] is Megatron's layout (per key/value group: R query heads, then its key,
+    then its value; R = heads per group). q and k are rotated by cos/sin, the row's positions are
+    gathered slot by slot (row index N reads a zero pad row) into [n * G, R * width, D] queries against
+    [n * G, width, D] keys/values (the R query heads of a group share one batched matmul with its key
+    and value: GQA without repeating them), and the slot outputs are read back to row order (`read`:
+    a shared prompt's positions from their first slot). Output [N, heads * D], heads in Megatron's
+    order (group-major). Padded queries attend only to their own slot's positions and the zero pad
+    row, and their outputs are never read (cpu_attention's module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, layout, groups: int, per_group: int, head_dim: int,
+                scale: float) -> Tensor:
+        buckets, read = layout
+        n_rows, r, d = qkv.shape[0], per_group, head_dim
+        k_idx = r + 2
+        t = qkv.view(n_rows, groups, k_idx, d)
+        rows = qkv.new_empty(n_rows + 1, groups, k_idx, d)
+        rows[n_rows].zero_()
+        rows[:n_rows, :, : r + 1] = _rotate(t[:, :, : r + 1], cos, sin, 1.0)
+        rows[:n_rows, :, r + 1] = t[:, :, r + 1]
+        total = sum(n * w for _, n, w in buckets)
+        flat = qkv.new_empty(total, groups, r, d)
+        saved, off = [], 0
+        for gather, n, w in buckets:
+            x = rows.index_select(0, gather).view(n, w, groups, k_idx, d)
+            q = x[:, :, :, :r].permute(0, 2, 3, 1, 4).reshape(n * groups, r * w, d)
+            k = x[:, :, :, r].transpose(1, 2).reshape(n * groups, w, d)
+            v = x[:, :, :, r + 1].transpose(1, 2).reshape(n * groups, w, d)
+            bias = _causal_bias(w, r, qkv.dtype, qkv.device).expand(n * groups, -1, -1)
+            probs = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), dim=-1)
+            out = torch.bmm(probs, v)  # [n * G, R * w, D] -> rows [n, w, G, R, D]
+            flat[off: off + n * w].view(n, w, groups, r, d).copy_(out.view(n, groups, r, w, d).permute(0, 3, 1, 2, 4))
+            saved += [q, k, v, probs]
+            off += n * w
+        ctx.save_for_backward(cos, sin, *saved)
+        ctx.meta = (layout, groups, r, d, scale, n_rows, total)
+        return flat.view(total, groups * r * d).index_select(0, read)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin, *saved = ctx.saved_tensors
+        (buckets, read), groups, r, d, scale, n_rows, total = ctx.meta
+        k_idx = r + 2
+        gflat = grad.new_zeros(total, groups * r * d)  # slot positions not read (pads, repeated prompts) get 0
+        gflat.index_copy_(0, read, grad)
+        grows = grad.new_zeros(n_rows + 1, groups, k_idx, d)
+        off = 0
+        for i, (gather, n, w) in enumerate(buckets):
+            q, k, v, probs = saved[4 * i: 4 * i + 4]
+            dout = gflat[off: off + n * w].view(n, w, groups, r, d).permute(0, 2, 3, 1, 4).reshape(n * groups, r * w, d)
+            dv = torch.bmm(probs.transpose(1, 2), dout)
+            dscores = torch._softmax_backward_data(torch.bmm(dout, v.transpose(1, 2)), probs, -1, probs.dtype)
+            dscores.mul_(scale)
+            dq, dk = torch.bmm(dscores, k), torch.bmm(dscores.transpose(1, 2), q)
+            dx = grad.new_empty(n, w, groups, k_idx, d)
+            dx[:, :, :, :r] = dq.view(n, groups, r, w, d).permute(0, 3, 1, 2, 4)
+            dx[:, :, :, r] = dk.view(n, groups, w, d).transpose(1, 2)
+            dx[:, :, :, r + 1] = dv.view(n, groups, w, d).transpose(1, 2)
+            grows.index_add_(0, gather, dx.view(n * w, groups, k_idx, d))  # a shared prompt's slots sum
+            off += n * w
+        dqkv = grad.new_empty(n_rows, groups, k_idx, d)
+        dqkv[:, :, : r + 1] = _rotate(grows[:n_rows, :, : r + 1], cos, sin, -1.0)
+        dqkv[:, :, r + 1] = grows[:n_rows, :, r + 1]
+        return dqkv.view(n_rows, -1), None, None, None, None, None, None, None
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `lean_forward` computes what `model.forward` computes for a packed row; else why not.
+
+    Covered: the local spec (cpu_attention.PackedLocalAttention) at TP = PP = CP = 1, fp32, RMSNorm,
+    SwiGLU, RoPE (rotate-half, any inv_freq: Llama-3 scaling is baked into it), no dropout, no
+    recomputation, no q/k norm, no MoE/MTP/MLA, optional q/k/v and linear biases.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_oreal.mcore.cpu_attention import PackedLocalAttention
+
+    c = model.config
+    checks = [
+        (model.pre_process and model.post_process, "pipeline stage (PP > 1)"),
+        (c.tensor_model_parallel_size == 1, f"tensor_model_parallel_size {c.tensor_model_parallel_size}"),
+        (c.context_parallel_size == 1, f"context_parallel_size {c.context_parallel_size}"),
+        (not c.sequence_parallel, "sequence_parallel"),
+        (c.params_dtype == torch.float32 and not c.bf16 and not c.fp16, f"params_dtype {c.params_dtype}"),
+        (c.recompute_granularity is None, f"recompute_granularity {c.recompute_granularity}"),
+        (c.hidden_dropout == 0.0 and c.attention_dropout == 0.0, "dropout"),
+        (c.normalization == "RMSNorm" and not c.layernorm_zero_centered_gamma, f"normalization {c.normalization}"),
+        (c.gated_linear_unit and c.activation_func is F.silu, "activation (lean path: SwiGLU)"),
+        (not c.apply_residual_connection_post_layernorm and not c.fp32_residual_connection, "residual variant"),
+        (not c.qk_layernorm and not c.multi_latent_attention and c.num_moe_experts is None, "q/k norm, MLA or MoE"),
+        (not c.apply_query_key_layer_scaling and c.window_size is None and c.softmax_type == "vanilla",
+         "attention variant"),
+        (getattr(c, "mtp_num_layers", None) is None and not getattr(c, "fine_grained_activation_offloading", False)
+         and not getattr(c, "cpu_offloading", False), "MTP or activation offloading"),
+        (model.position_embedding_type == "rope" and type(model.rotary_pos_emb) is RotaryEmbedding,
+         f"position embedding {model.position_embedding_type}"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    rope = model.rotary_pos_emb
+    if rope.rotary_interleaved or rope.seq_len_interpolation_factor is not None:
+        return "interleaved or interpolated RoPE"
+    if rope.inv_freq.numel() * 2 != c.kv_channels:
+        return "partial RoPE (rotary_percent < 1)"
+    for i, layer in enumerate(model.decoder.layers):
+        attn, mlp = layer.self_attention, layer.mlp
+        if not (type(layer) is TransformerLayer and type(attn) is SelfAttention and type(mlp) is MLP
+                and isinstance(attn.core_attention, PackedLocalAttention)
+                and isinstance(layer.input_layernorm, torch.nn.RMSNorm)
+                and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm)
+                and isinstance(layer.cross_attention, IdentityOp)
+                and isinstance(attn.q_layernorm, IdentityOp) and isinstance(attn.k_layernorm, IdentityOp)):
+            return f"layer {i}: module types outside the local spec"
+    if not isinstance(model.decoder.final_layernorm, torch.nn.RMSNorm):
+        return "final norm type"
+    return None
+
+
+def _norm(x: Tensor, module: torch.nn.RMSNorm) -> Tensor:
+    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+    return _RMSNorm.apply(x, module.weight, eps)
+
+
+def _linear_add(residual: Tensor, x: Tensor, linear) -> Tensor:
+    """residual + linear(x) in one addmm (Megatron's bias-dropout-add with dropout 0)."""
+    out = torch.addmm(residual, x, linear.weight.t())
+    return out if linear.bias is None else out + linear.bias
+
+
+def lean_forward(model, input_ids: Tensor, params, layout) -> Tensor:
+    """GPTModel.forward of one packed row [1, L] for a covered model (`unsupported_reason` is None):
+    logits [1, L, V] (the token RM: scores [1, L, 1]). `params` carries the row's `rope_positions`;
+    `layout` is cpu_attention.slot_layout's (buckets, read) for its slots."""
+    c = model.config
+    n_rows = input_ids.shape[1]
+    groups = c.num_query_groups
+    per_group = c.num_attention_heads // groups
+    head_dim = c.kv_channels
+    inv_freq = model.rotary_pos_emb.inv_freq
+    # Megatron's table is outer(position, inv_freq) in fp32 (RotaryEmbedding.forward): the same products.
+    angles = params.rope_positions.to(inv_freq.device, inv_freq.dtype)[:, None] * inv_freq[None]
+    cos = angles.cos().to(c.params_dtype).view(n_rows, 1, 1, 1, -1)
+    sin = angles.sin().to(c.params_dtype).view(n_rows, 1, 1, 1, -1)
+    scale = model.decoder.layers[0].self_attention.core_attention.softmax_scale
+
+    x = model.embedding(input_ids=input_ids, position_ids=None)[:, 0]  # [L, 1, H] -> [L, H]
+    for layer in model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        qkv = F.linear(_norm(x, layer.input_layernorm), attn.linear_qkv.weight, attn.linear_qkv.bias)
+        ctx = _SlotAttention.apply(qkv, cos, sin, layout, groups, per_group, head_dim, scale)
+        x = _linear_add(x, ctx, attn.linear_proj)
+        fc1 = F.linear(_norm(x, layer.pre_mlp_layernorm), mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+        x = _linear_add(x, _SwiGLU.apply(fc1), mlp.linear_fc2)
+    hidden = _norm(x, model.decoder.final_layernorm)[:, None]  # [L, 1, H], as the decoder returns it
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden, weight=weight)
+    return logits.transpose(0, 1)
