@@ -1,12 +1,15 @@
 """Side by side on the CPU: Hugging Face TRL's GRPOTrainer vs ours, same tiny model, prompts and shape.
 
-    python tools/bench_vs_trl.py [--steps 8] [--rounds 3] [--threads 0] [--sides trl,grpo,oreal] [--trl-gradient-checkpointing]
+    python tools/bench_vs_trl.py [--steps 8] [--rounds 3] [--threads 0] [--sides trl,trl_nogc,grpo,oreal]
 
 Shape (issue 13): 16 prompts x 8 samples per step, <= 32 new tokens, T = 1, k3 KL 0.01, one optimizer
 step per rollout, fp32, model examples/tiny/model, prompts = the first 16 x steps problems of
 examples/tiny/data/train.jsonl (each side shuffles them its own way).
 
-- trl:   TRL 1.16.0 GRPOTrainer (tools/trl_grpo_side.py) trains all 128 samples of every step.
+- trl:   TRL 1.16.0 GRPOTrainer (tools/trl_grpo_side.py) as configured by default (GRPOConfig's
+         gradient_checkpointing=True: activations are recomputed in backward), in fp32 like ours
+         (GRPOConfig's bf16 default is turned off: equal work); trains all 128 samples of every step.
+- trl_nogc: the same with gradient checkpointing off, the faster TRL (no recomputed forward).
 - grpo:  ours, the equal-work rung: algo ladder "grpo" (every sample, (r - mean)/std advantages,
          REINFORCE form, k3 KL 0.01, no actor freeze), token RM off: all 128 samples trained.
 - oreal: ours, full OREAL (examples/tiny/oreal.yaml: 1+1 selection, token RM) with the actor trained
@@ -24,8 +27,7 @@ the load average next to each side; compare ratios from one invocation. On a sha
 both sides drifts together by tens of percent over a minute, so the sides run in interleaved rounds
 and each round's ratio is printed as well as the medians.
 
-TRL's default recomputes activations in backward (gradient checkpointing); the comparison turns it
-off, the stricter baseline, and --trl-gradient-checkpointing measures TRL as configured by default.
+Ratios are printed against both TRL configurations, per round and as medians.
 """
 
 from __future__ import annotations
@@ -95,17 +97,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="run the sides this many times, interleaved "
                     "(the per-round ratios are printed too)")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads for both sides (0 = default)")
-    ap.add_argument("--sides", default="trl,grpo,oreal")
-    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
-                    help="TRL with activation recomputation (an extra forward; ours does not recompute)")
+    ap.add_argument("--sides", default="trl,trl_nogc,grpo,oreal",
+                    help="trl: TRL's defaults (gradient checkpointing on), trl_nogc: without it, grpo/oreal: ours")
     ap.add_argument("--keep", default="", help="keep the run dirs and logs here (default: a temp dir)")
     args = ap.parse_args()
     sides = [s for s in args.sides.split(",") if s]
-    unknown = set(sides) - {"trl", "grpo", "oreal"}
+    unknown = set(sides) - {"trl", "trl_nogc", "grpo", "oreal"}
     if unknown or args.steps < 2:
         ap.error(f"unknown sides {sorted(unknown)}" if unknown else "--steps must be >= 2 (one warm-up step)")
 
-    trl_py = ensure_trl_venv() if "trl" in sides else None
+    trl_py = ensure_trl_venv() if {"trl", "trl_nogc"} & set(sides) else None
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_trl_"))
     work.mkdir(parents=True, exist_ok=True)
     lines = (ROOT / "examples/tiny/data/train.jsonl").read_text().splitlines()
@@ -122,10 +123,10 @@ def main() -> int:
             out = work / f"{tag}.json"
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
-            if side == "trl":
+            if side.startswith("trl"):
                 cmd = [str(trl_py), str(ROOT / "tools/trl_grpo_side.py"), "--model", str(ROOT / "examples/tiny/model"),
                        "--prompts", str(prompts), "--steps", str(args.steps), "--out", str(out)]
-                cmd += ["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []
+                cmd += [] if side == "trl_nogc" else ["--gradient-checkpointing"]
             else:
                 cmd = [sys.executable, "-m", "megatron_oreal", "profile", str(ROOT / "examples/tiny/oreal.yaml"),
                        "--steps", str(args.steps), "--metrics-out", str(out),
@@ -135,8 +136,9 @@ def main() -> int:
                 print(f"{side}: exit code {code}; log: {work / f'{tag}.log'}", file=sys.stderr)
                 return 1
             data = json.loads(out.read_text())
-            times = data["step_s"] if side == "trl" else [m["time/step"] for m in data]
-            cpu = data["cpu_s"] if side == "trl" else [m["cpu/step_s"] for m in data]
+            trl_side = side.startswith("trl")
+            times = data["step_s"] if trl_side else [m["time/step"] for m in data]
+            cpu = data["cpu_s"] if trl_side else [m["cpu/step_s"] for m in data]
             r = results[side]
             r["step_s"].append(median_after_warmup(times))
             r["cpu_s"].append(median_after_warmup(cpu))
@@ -147,22 +149,23 @@ def main() -> int:
                   f"wall {time.perf_counter() - t0:.0f} s, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}",
                   flush=True)
 
-    print(f"\n{'side':<8}{'median s/step':>15}{'vs TRL':>9}{'CPU s/step':>12}{'vs TRL':>9}{'peak RSS GiB':>14}")
-    trl = statistics.median(results["trl"]["step_s"]) if "trl" in results else None
-    trl_cpu = statistics.median(results["trl"]["cpu_s"]) if "trl" in results else None
+    bases = [b for b in ("trl", "trl_nogc") if b in results]
+    med = {side: statistics.median(r["step_s"]) for side, r in results.items()}
+    cpu = {side: statistics.median(r["cpu_s"]) for side, r in results.items()}
+    head = "".join(f"{'vs ' + b:>14}" for b in bases)
+    print(f"\n{'side':<10}{'median s/step':>15}{head}{'CPU s/step':>12}{'peak RSS GiB':>14}")
     for side, r in results.items():
-        med, cpu = statistics.median(r["step_s"]), statistics.median(r["cpu_s"])
-        ratio = f"{med / trl:.2f}x" if trl else "-"
-        cratio = f"{cpu / trl_cpu:.2f}x" if trl_cpu else "-"
-        print(f"{side:<8}{med:>15.3f}{ratio:>9}{cpu:>12.3f}{cratio:>9}{r['peak_gb']:>14.2f}")
-    if trl and args.rounds > 1:
+        ratios = "".join(f"{med[side] / med[b]:>13.2f}x" for b in bases)
+        print(f"{side:<10}{med[side]:>15.3f}{ratios}{cpu[side]:>12.3f}{r['peak_gb']:>14.2f}")
+    if args.rounds > 1:
         # Each round runs the sides back to back, so a ratio within a round sees the same machine speed;
         # on a shared VM the speed drifts by tens of percent between rounds, which the medians above mix.
         for side, r in results.items():
-            if side != "trl":
-                per = [a / b for a, b in zip(r["step_s"], results["trl"]["step_s"])]
-                print(f"{side}: per-round s/step vs TRL {', '.join(f'{x:.2f}x' for x in per)}; "
-                      f"median {statistics.median(per):.2f}x")
+            for b in bases:
+                if side not in ("trl", "trl_nogc"):
+                    per = [x / y for x, y in zip(r["step_s"], results[b]["step_s"])]
+                    print(f"{side} vs {b}: per round {', '.join(f'{x:.2f}x' for x in per)}; "
+                          f"median {statistics.median(per):.2f}x")
     print(f"(cpu count {os.cpu_count()}, threads {args.threads or 'default'}, {args.rounds} round(s); "
           f"work dir {work})")
     return 0

@@ -56,8 +56,8 @@ def main() -> int:
         max_completion_length=32, temperature=1.0, top_p=1.0, top_k=0, beta=0.01, num_iterations=1,
         learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=False,
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        # TRL's default recomputes activations in backward (an extra forward); ours does not, so the
-        # fair baseline turns it off (--trl-gradient-checkpointing measures the default).
+        # GRPOConfig's default is True (activations recomputed in backward: an extra forward); the
+        # bench runs TRL both ways (its sides "trl" and "trl_nogc"). bf16=False above: fp32 like ours.
         gradient_checkpointing=args.gradient_checkpointing,
     )
 
