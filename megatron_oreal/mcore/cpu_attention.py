@@ -15,6 +15,9 @@ Why no padding mask is needed: a slot's padding lies after its last token, and u
 real query at slot position i only sees keys 0..i, all real. Padded queries see padded keys but their
 outputs are never read (and so get no gradient).
 
+At TP = PP = 1 `LocalGPTModel` sends packed rows through lean_forward.py instead, which attends the
+same slots in the same buckets with its own batched matmuls; this module serves TP/PP > 1.
+
 The row reaches this module as `PackedSeqParams(qkv_format="sbhd", ...)` with `slots` and
 `rope_positions` attached (MicroBatch.local_packed_seq_params). `LocalGPTModel` rotates each token by
 its position inside its sequence (Megatron's "sbhd" RoPE rotates by row index, which is right only
@@ -129,7 +132,12 @@ class PackedLocalAttention(DotProductAttention):
 
 
 class LocalGPTModel(GPTModel):
-    """GPTModel for the local spec (build_policy without Transformer Engine): two changes for packed rows.
+    """GPTModel for the local spec (build_policy without Transformer Engine): three changes for packed rows.
+
+    - At TP = PP = 1 (fp32, the usual CPU run; `lean_off_reason()` says why not otherwise) a packed row
+      takes lean_forward.py's path: the same parameters and result, fewer and cheaper ops (its module
+      docstring). Other calls (a dense mask, labels, inference, TP/PP > 1) run Megatron's forward with
+      the two changes below.
 
     - RoPE by `rope_positions` (each token's position in its own sequence) when the row carries them
       (MicroBatch.local_packed_seq_params): the table GPTModel builds for the row length is indexed by
