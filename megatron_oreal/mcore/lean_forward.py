@@ -176,7 +176,7 @@ class _SlotAttention(torch.autograd.Function):
 def unsupported_reason(model) -> str | None:
     """None when `lean_forward` computes what `model.forward` computes for a packed row; else why not.
 
-    Covered: the local spec (cpu_attention.PackedLocalAttention) at TP = PP = CP = 1, fp32, RMSNorm,
+    Covered: the local spec (cpu_attention.PackedLocalAttention) on the CPU at TP = PP = CP = 1, fp32, RMSNorm,
     SwiGLU, RoPE (rotate-half, any inv_freq: Llama-3 scaling is baked into it), no dropout, no
     recomputation, no q/k norm, no MoE/MTP/MLA, optional q/k/v and linear biases.
     """
@@ -190,6 +190,8 @@ def unsupported_reason(model) -> str | None:
 
     c = model.config
     checks = [
+        # Written and measured for the CPU; a GPU without Transformer Engine keeps Megatron's local layers.
+        (next(model.parameters()).device.type == "cpu", "not on the CPU"),
         (model.pre_process and model.post_process, "pipeline stage (PP > 1)"),
         (c.tensor_model_parallel_size == 1, f"tensor_model_parallel_size {c.tensor_model_parallel_size}"),
         (c.context_parallel_size == 1, f"context_parallel_size {c.context_parallel_size}"),
