@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers.tiny_run import assert_same_weights, exported_weights, write_tiny_run
-from helpers.torchrun import run_torchrun
+from helpers.torchrun import leftover_processes, run_torchrun
 
 MAIN = Path(__file__).resolve().parents[2] / "megatron_oreal" / "__main__.py"
 STAGES = ("time/rollout", "time/selection", "time/train", "time/weight_sync")
@@ -85,7 +85,9 @@ def test_two_steps_model_parallel_and_kill_resume(assets, name):
     layout = (*layout, "policy.offload_train_state=true")
     with pytest.raises(AssertionError, match="exited"):  # every rank SIGKILLs itself in step 2
         run_torchrun(MAIN, 2, ["train", cfg, f"run_dir={killed}", *layout], timeout=400,
-                     env={"OREAL_TEST_FAULT": "train:1:kill"})
+                     env={"OREAL_TEST_FAULT": "train:1:kill", "OREAL_TEST_MARK": str(killed)})
+    # nothing of the killed job stays behind (its checkpoint writers' Manager servers used to)
+    assert leftover_processes("OREAL_TEST_MARK", str(killed)) == []
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_000001"
     out = run_torchrun(MAIN, 2, ["train", cfg, f"run_dir={killed}", *layout], timeout=400)
     assert "resumed from" in out

@@ -44,3 +44,32 @@ def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | 
             f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-8000:]}"
         )
     return out
+
+
+def leftover_processes(key: str, value: str, wait_s: float = 5.0) -> list[int]:
+    """Pids of live processes whose environment has key=value (a marker given to one launch), after
+    waiting up to wait_s for them to go: what a launch left behind (Linux /proc; [] elsewhere)."""
+    import time
+
+    marker = f"{key}={value}".encode()
+
+    def scan() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    zombie = f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if marker in env and not zombie:
+                found.append(int(entry))
+        return found
+
+    deadline = time.monotonic() + wait_s
+    while (pids := scan()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pids

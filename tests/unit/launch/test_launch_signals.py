@@ -187,3 +187,55 @@ def test_children_started_under_the_shield_survive_the_job_step_signals(tmp_path
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "True", "SIGUSR1", "1"], res.stdout + res.stderr
     assert res.stderr.count("received SIGUSR1") == 1  # the trainer's; a forked child stays silent
+
+
+ORPHAN = """
+import multiprocessing as mp, os, signal, sys, time
+from megatron_oreal.launch.signals import exit_with_parent, ignore_preemption_signals
+
+def child_main(q, watch):
+    ignore_preemption_signals()  # as every CLI child does: a SIGTERM would not end it either
+    if watch:
+        exit_with_parent(poll_s=0.1)
+    q.put(os.getpid())
+    time.sleep(60)  # a server waiting for connections that never come (Megatron's writer Manager)
+
+if __name__ == "__main__":
+    q = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=child_main, args=(q, sys.argv[1] == "watch"))
+    p.start()
+    print(q.get(timeout=60), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the trainer dies without shutting its children down
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_spawned_child_exits_when_the_trainer_is_killed(tmp_path, watch):
+    """After a kill -9 of its parent a child that ignores SIGTERM stays forever unless it watches the
+    parent (exit_with_parent, run by every CLI child in megatron_oreal/__main__.py)."""
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:  # a file, not a pipe: the orphan keeps its copy of the descriptor open
+        code = subprocess.run([sys.executable, str(script), "watch" if watch else "plain"], stdout=f,
+                              stderr=subprocess.STDOUT, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO))).returncode
+    assert code == -signal.SIGKILL, out.read_text()
+    child = int(out.read_text().split()[0])
+    deadline = time.monotonic() + 5.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert _alive(child) is not watch
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
