@@ -91,7 +91,10 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 
 def _norm(x: torch.Tensor, module) -> torch.Tensor:
     """HF Qwen2/Llama RMSNorm: fp32 statistics, cast back, then the weight (F.rms_norm without a weight
-    is HF's fp32 formula in one op; bit-equal in fp32, measured)."""
+    is HF's fp32 formula in one op; bit-equal in fp32, measured). fp32 input skips the two casts, which
+    would return x itself but still cost a dispatch each."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, module.variance_epsilon) * module.weight
     return F.rms_norm(x.float(), x.shape[-1:], None, module.variance_epsilon).to(x.dtype) * module.weight
 
 
@@ -157,10 +160,11 @@ class LeanDecoder:
         weight = self.model.model.embed_tokens.weight
         self._table = self._rope(weight[:1], torch.arange(positions)[None, :])
 
-    def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor) -> torch.Tensor:
+    def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor | None) -> torch.Tensor:
         """token, positions [B] (long); cache_layers: the engine's _PreallocLayer per layer (this step's
-        K/V are appended at their current length); key_mask additive [B, 1, 1, >= length+1].
-        Returns logits [B, V] of the new token's position."""
+        K/V are appended at their current length); key_mask additive [B, 1, 1, >= length+1], or None
+        when it would be all zeros (adding zeros changes no bit of the softmax: only a -0.0 score
+        becomes +0.0, and exp treats them alike). Returns logits [B, V] of the new token's position."""
         inner = self.model.model
         bsz, dim, hq, hkv = token.shape[0], self.head_dim, self.q_heads, self.kv_heads
         group, half = hq // hkv, dim // 2
@@ -177,8 +181,12 @@ class LeanDecoder:
             v = qkv[:, (hq + hkv) * dim :].view(bsz, hkv, dim)
             kt, vv = cl.append_step(qk[:, hq:], v)  # [B, Hkv, D, L], [B, Hkv, L, D]
             q = qk[:, :hq].reshape(bsz, hkv, group, dim)  # query head h reads kv head h // group
-            scores = torch.matmul(q, kt).add_(key_mask[..., : kt.shape[-1]])
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vv.dtype)
+            scores = torch.matmul(q, kt)
+            if key_mask is not None:
+                scores.add_(key_mask[..., : kt.shape[-1]])
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            if probs.dtype != vv.dtype:
+                probs = probs.to(vv.dtype)
             out = torch.matmul(probs, vv).view(bsz, hq * dim)
             h = _residual(h, out, o_wt, o_b)
             x = _norm(h, layer.post_attention_layernorm)
