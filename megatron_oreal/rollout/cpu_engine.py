@@ -438,8 +438,7 @@ class CPUEngine:
             return torch.zeros(num * n, steps, dtype=torch.float64)
         out = torch.empty(num * n, steps, dtype=torch.float64)
         gen = torch.Generator()
-        for p in range(num):
-            for j in range(n):
-                gen.manual_seed(row_seed(sp.seed, first_index + p, j))
-                out[p * n + j] = torch.rand(steps, generator=gen, dtype=torch.float64)
+        for g, row in enumerate(out):  # drawn into the row (out=): no temporary and no indexed copy per row
+            gen.manual_seed(row_seed(sp.seed, first_index + g // n, g % n))
+            torch.rand(steps, generator=gen, dtype=torch.float64, out=row)
         return out
