@@ -427,9 +427,11 @@ class CPUEngine:
         cache.layers = [_PreallocLayer(width + max_new, self._workspace, i) for i in range(self.model.config.num_hidden_layers)]
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
         key_mask[:, 0, 0, :width].masked_fill_(~valid, neg)
+        if n == 1:  # one sample per prompt (greedy evaluation): the prefill's rows are the rows, no copies
+            return cache, logits, key_mask
+        cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         return cache, logits.repeat_interleave(n, dim=0), key_mask.repeat_interleave(n, dim=0)
 
     def _uniforms(self, num: int, n: int, first_index: int, steps: int, sp: SamplingParams) -> torch.Tensor:
