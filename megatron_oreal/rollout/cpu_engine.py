@@ -180,7 +180,7 @@ def filter_probs(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.
     at the k-th value (as HF's TopKLogitsWarper); top-p keeps the smallest prefix of tokens whose
     mass reaches top_p (a token is kept when the mass strictly above it is < top_p), at least one.
     """
-    scaled = logits / sampling.temperature
+    scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits  # x / 1 is x, bit for bit
     if sampling.top_k > 0 and sampling.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -342,7 +342,13 @@ class CPUEngine:
         width = max(len(p) for p in prompts)
         next_pos = lens.repeat_interleave(n)
         uniforms = self._uniforms(num, n, first_index, max_new, sp)
-        stops = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long)
+        stop_ids = sorted(set(sp.stop_token_ids))
+        stops = torch.tensor(stop_ids, dtype=torch.long)
+        # Per-step bookkeeping is a dozen tiny ops, each a few µs of dispatch at any batch size: skip
+        # the ones that cannot change anything. No row reaches its budget before `min_budget` steps;
+        # with no left padding (prompts of one length) the additive key mask is all zeros.
+        min_budget = int(budgets.min())
+        padded = any(len(p) != width for p in prompts)
         # Outputs live in tensors, converted once at the end (per-row Python appends, a tolist and an
         # isin/index bookkeeping per step cost more than the tiny model's step). A row stops and never
         # resumes, so a row live at step s has emitted exactly s tokens: slot [g, s] is its next token.
@@ -359,10 +365,11 @@ class CPUEngine:
                     keep = live.nonzero().squeeze(1)
                     cache.batch_select_indices(keep)
                     rows, next_pos, live = rows[keep], next_pos[keep], live[keep]
-                    key_mask = key_mask.index_select(0, keep)
+                    if padded or self.lean is None:
+                        key_mask = key_mask.index_select(0, keep)
                     token, uniforms, row_budget = token[keep], uniforms[keep], row_budget[keep]
                 if self.lean is not None:
-                    logits = self.lean.step(token, next_pos, cache.layers, key_mask)
+                    logits = self.lean.step(token, next_pos, cache.layers, key_mask if padded else None)
                 else:
                     kv_len = width + step  # prefill + the `step` tokens fed so far, this one included
                     logits = self.model(input_ids=token[:, None], attention_mask=key_mask[..., :kv_len],
@@ -373,8 +380,11 @@ class CPUEngine:
             out_tok[rows, step] = token
             if out_lp is not None:
                 out_lp[rows, step] = torch.log_softmax(logits.float() / temp, dim=-1).gather(1, token[:, None]).squeeze(1)
-            live = live & (row_budget > step + 1)
-            if stops.numel():
+            if step + 1 >= min_budget:
+                live = live & (row_budget > step + 1)
+            if len(stop_ids) == 1:
+                live &= token != stop_ids[0]
+            elif stop_ids:
                 live &= ~torch.isin(token, stops)
             n_live = int(live.sum())
             if n_live == 0:
@@ -417,9 +427,11 @@ class CPUEngine:
         cache.layers = [_PreallocLayer(width + max_new, self._workspace, i) for i in range(self.model.config.num_hidden_layers)]
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         key_mask = torch.zeros(num, 1, 1, width + max_new, dtype=self.model.dtype)
         key_mask[:, 0, 0, :width].masked_fill_(~valid, neg)
+        if n == 1:  # one sample per prompt (greedy evaluation): the prefill's rows are the rows, no copies
+            return cache, logits, key_mask
+        cache.batch_repeat_interleave(n)  # the n samples of a prompt share its prefill
         return cache, logits.repeat_interleave(n, dim=0), key_mask.repeat_interleave(n, dim=0)
 
     def _uniforms(self, num: int, n: int, first_index: int, steps: int, sp: SamplingParams) -> torch.Tensor:
@@ -428,8 +440,7 @@ class CPUEngine:
             return torch.zeros(num * n, steps, dtype=torch.float64)
         out = torch.empty(num * n, steps, dtype=torch.float64)
         gen = torch.Generator()
-        for p in range(num):
-            for j in range(n):
-                gen.manual_seed(row_seed(sp.seed, first_index + p, j))
-                out[p * n + j] = torch.rand(steps, generator=gen, dtype=torch.float64)
+        for g, row in enumerate(out):  # drawn into the row (out=): no temporary and no indexed copy per row
+            gen.manual_seed(row_seed(sp.seed, first_index + g // n, g % n))
+            torch.rand(steps, generator=gen, dtype=torch.float64, out=row)
         return out

@@ -89,10 +89,14 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, bias
 
 
-def _norm(x: torch.Tensor, module) -> torch.Tensor:
-    """HF Qwen2/Llama RMSNorm: fp32 statistics, cast back, then the weight (F.rms_norm without a weight
-    is HF's fp32 formula in one op; bit-equal in fp32, measured)."""
-    return F.rms_norm(x.float(), x.shape[-1:], None, module.variance_epsilon).to(x.dtype) * module.weight
+def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """HF Qwen2/Llama RMSNorm, `norm` = (its weight, its eps): fp32 statistics, cast back, then the weight
+    (F.rms_norm without a weight is HF's fp32 formula in one op; bit-equal in fp32, measured). fp32 input
+    skips the two casts, which would return x itself but still cost a dispatch each."""
+    weight, eps = norm
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
 
 
 class LeanDecoder:
@@ -119,10 +123,16 @@ class LeanDecoder:
             yield from (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
 
     def _param_ptrs(self) -> list[int]:
-        return [t.data_ptr() if t is not None else 0 for lin in self._linears() for t in (lin.weight, lin.bias)]
+        inner = self.model.model
+        others = [n.weight for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        others += [inner.norm.weight, inner.embed_tokens.weight, self.model.lm_head.weight, self.model.lm_head.bias]
+        return [t.data_ptr() if t is not None else 0
+                for t in [t for lin in self._linears() for t in (lin.weight, lin.bias)] + others]
 
     def refresh(self) -> None:
-        """Re-fuse if any Linear parameter no longer points where the fused/transposed views point."""
+        """Re-fuse if any Linear parameter no longer points where the fused/transposed views point, and
+        take the step's other tensors again if any was replaced (the step reads them from here, not
+        through the modules: nn.Module attribute lookups cost ~40 a step)."""
         if self._ptrs == self._param_ptrs():
             return
         self.layers = []
@@ -131,8 +141,11 @@ class LeanDecoder:
             qkv_w, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
             gu_w, gu_b = _fuse([m.gate_proj, m.up_proj])
             # transposed views (no copies) so the residual add rides in addmm's C (h + x @ W^T, one op)
-            self.layers.append((layer, qkv_w.t(), qkv_b, gu_w.t(), gu_b, a.o_proj.weight.t(), a.o_proj.bias,
-                                m.down_proj.weight.t(), m.down_proj.bias))
+            self.layers.append((_norm_of(layer.input_layernorm), qkv_w.t(), qkv_b, gu_w.t(), gu_b, a.o_proj.weight.t(),
+                                a.o_proj.bias, _norm_of(layer.post_attention_layernorm), m.down_proj.weight.t(),
+                                m.down_proj.bias))
+        inner, head = self.model.model, self.model.lm_head
+        self._final_norm, self._embed, self._head = _norm_of(inner.norm), inner.embed_tokens.weight, (head.weight, head.bias)
         self._ptrs = self._param_ptrs()
 
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,37 +170,44 @@ class LeanDecoder:
         weight = self.model.model.embed_tokens.weight
         self._table = self._rope(weight[:1], torch.arange(positions)[None, :])
 
-    def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor) -> torch.Tensor:
+    def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor | None) -> torch.Tensor:
         """token, positions [B] (long); cache_layers: the engine's _PreallocLayer per layer (this step's
-        K/V are appended at their current length); key_mask additive [B, 1, 1, >= length+1].
-        Returns logits [B, V] of the new token's position."""
-        inner = self.model.model
+        K/V are appended at their current length); key_mask additive [B, 1, 1, >= length+1], or None
+        when it would be all zeros (adding zeros changes no bit of the softmax: only a -0.0 score
+        becomes +0.0, and exp treats them alike). Returns logits [B, V] of the new token's position."""
         bsz, dim, hq, hkv = token.shape[0], self.head_dim, self.q_heads, self.kv_heads
         group, half = hq // hkv, dim // 2
-        h = F.embedding(token, inner.embed_tokens.weight)
+        h = F.embedding(token, self._embed)
         if self._table is not None:
             cos, sin = self._table[0].index_select(0, positions), self._table[1].index_select(0, positions)
         else:
             cos, sin = self._rope(h, positions[:, None])
-        for (layer, qkv_wt, qkv_b, gu_wt, gu_b, o_wt, o_b, down_wt, down_b), cl in zip(self.layers, cache_layers):
-            x = _norm(h, layer.input_layernorm)
+        for (in_norm, qkv_wt, qkv_b, gu_wt, gu_b, o_wt, o_b, post_norm, down_wt, down_b), cl in zip(self.layers, cache_layers):
+            x = _norm(h, in_norm)
             qkv = torch.addmm(qkv_b, x, qkv_wt) if qkv_b is not None else torch.mm(x, qkv_wt)
             qk = qkv[:, : (hq + hkv) * dim].view(bsz, hq + hkv, dim)
             qk = qk * cos + torch.roll(qk, half, -1) * sin  # roll = halves swapped (5x faster than flip)
             v = qkv[:, (hq + hkv) * dim :].view(bsz, hkv, dim)
             kt, vv = cl.append_step(qk[:, hq:], v)  # [B, Hkv, D, L], [B, Hkv, L, D]
             q = qk[:, :hq].reshape(bsz, hkv, group, dim)  # query head h reads kv head h // group
-            scores = torch.matmul(q, kt).add_(key_mask[..., : kt.shape[-1]])
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vv.dtype)
+            scores = torch.matmul(q, kt)
+            if key_mask is not None:
+                scores.add_(key_mask[..., : kt.shape[-1]])
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            if probs.dtype != vv.dtype:
+                probs = probs.to(vv.dtype)
             out = torch.matmul(probs, vv).view(bsz, hq * dim)
             h = _residual(h, out, o_wt, o_b)
-            x = _norm(h, layer.post_attention_layernorm)
+            x = _norm(h, post_norm)
             gu = torch.addmm(gu_b, x, gu_wt) if gu_b is not None else torch.mm(x, gu_wt)
             inter = gu.shape[1] // 2
             h = _residual(h, F.silu(gu[:, :inter]).mul_(gu[:, inter:]), down_wt, down_b)
-        h = _norm(h, inner.norm)
-        head = self.model.lm_head
-        return F.linear(h, head.weight, head.bias)
+        h = _norm(h, self._final_norm)
+        return F.linear(h, *self._head)
+
+
+def _norm_of(module) -> tuple[torch.Tensor, float]:
+    return module.weight, module.variance_epsilon
 
 
 def _residual(h: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -114,6 +114,7 @@ def test_metrics_writer_rank0_only(tmp_path):
     acc.Reload()
     assert sorted(acc.Tags()["scalars"]) == ["loss/kl", "reward/mean"]
     assert [(e.step, e.value) for e in acc.Scalars("loss/kl")] == [(3, 0.25), (4, 0.125)]
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(3, 0.5)]  # same event as loss/kl
     other = MetricsWriter(tmp_path / "tb1", enabled=True, rank=1)
     assert other.write(0, {"x": 1.0}) == 0 and not (tmp_path / "tb1").exists()
     assert MetricsWriter(tmp_path / "tb2", enabled=False).write(0, {"x": 1.0}) == 0

@@ -88,6 +88,28 @@ def test_sampled_equals_hf_forward_path(hf_model):
         assert len(lengths) > 1 or sp.stop_token_ids == ()  # stops hit: rows end at different steps
 
 
+def test_prompts_of_one_length_skip_the_zero_key_mask_bit_for_bit(hf_model):
+    """Without left padding the engine passes no key mask to the lean step: the logits must equal, bit for
+    bit, those of a step given the all-zero mask it stands for; and the sampled rows equal the HF path's."""
+    engine = CPUEngine(hf_model, threads=1)
+    prompts = [p[:3] for p in _prompts(3, seed=13)]
+    with torch.inference_mode():
+        (c1, logits, mask), (c2, _, _) = engine._prefill(prompts, 2, 4), engine._prefill(prompts, 2, 4)
+        assert not mask.any()  # one length: the mask the skip stands for is all zeros
+        engine.lean.prepare(3 + 4)
+        token, pos = logits.argmax(-1), torch.full((6,), 3)
+        for step in range(3):  # several positions: the cache grows, both paths read it
+            a = engine.lean.step(token, pos + step, c1.layers, mask)
+            b = engine.lean.step(token, pos + step, c2.layers, None)
+            assert torch.equal(a, b)
+            token = a.argmax(-1)
+    sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, stop_token_ids=(5,), seed=2, return_logprobs=True)
+    hf = CPUEngine(hf_model, threads=1, lean=False)
+    ties = sum(_same_up_to_a_tie(oa, ob) for ga, gb in zip(engine.generate(prompts, sp), hf.generate(prompts, sp))
+               for oa, ob in zip(ga, gb))
+    assert ties <= 1
+
+
 def _same_up_to_a_tie(oa, ob) -> bool:
     """Equal token ids and finish reason, log-probs within 1e-4; or equal up to a first difference
     where both paths drew a token of the same log-prob (within 1e-5): two near-equal logits whose order
@@ -119,6 +141,13 @@ def test_weights_written_in_place_or_replaced_are_used(tmp_path):
         mod_name, attr = name.rsplit(".", 1)
         setattr(fresh.model.get_submodule(mod_name), attr, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
     assert [o[0].token_ids for o in fresh.generate(prompts, sp)] == want
+    # only norm weights replaced (the fused Linears untouched): the lean step reads the new ones too
+    g = torch.Generator().manual_seed(0)
+    for mod in (fresh.model.model.norm, fresh.model.model.layers[0].post_attention_layernorm):
+        mod.weight = torch.nn.Parameter(mod.weight.detach() + torch.randn(mod.weight.shape, generator=g), requires_grad=False)
+    after = [o[0].token_ids for o in fresh.generate(prompts, sp)]
+    assert after != want  # the new norms change the outputs: the check below can fail
+    assert after == [o[0].token_ids for o in CPUEngine(fresh.model, threads=1, lean=False).generate(prompts, sp)]
 
 
 def test_unsupported_config_falls_back_to_hf_forward():
