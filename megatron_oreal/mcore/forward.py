@@ -62,11 +62,17 @@ def needs_dense_mask(model) -> bool:
 
 def token_logprobs(local_logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
     """log π(label) per position from a vocab-parallel logits shard [B, L, V_pad/TP] -> [B, L], fp32."""
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    logits = mask_padded_vocab(local_logits.float(), vocab_size)
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        # The whole vocabulary is here: torch's fused log-softmax, the same values to round-off, without
+        # the cross entropy's TP all-reduces and its ~10 elementwise passes (measured 1.2 -> 0.5 ms per
+        # fwd+bwd of the tiny task's [2.1 k, 102] logits, one thread).
+        return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     # vocab_parallel_cross_entropy subtracts the max in place; the logits are read by nobody else
     # (Megatron's own compute_language_model_loss passes them the same way, saving an [L, V/TP] copy).
-    logits = mask_padded_vocab(local_logits.float(), vocab_size)
     return -vocab_parallel_cross_entropy(logits, labels)
 
 

@@ -56,23 +56,27 @@ class _RMSNorm(torch.autograd.Function):
 
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up for fc1's output [N, 2F] = [gate; up] (Megatron's gated linear unit layout).
-    The backward writes both halves of one [N, 2F] gradient (autograd would concatenate two)."""
+    The backward writes both halves of one [N, 2F] gradient (autograd would concatenate two) and
+    reuses the forward's silu(gate) (kept only when a backward will run)."""
 
     @staticmethod
     def forward(ctx, fc1: Tensor) -> Tensor:
-        ctx.save_for_backward(fc1)
         gate, up = fc1.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
+        act = F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(fc1, act)
+            return act * up
+        return act.mul_(up)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (fc1,) = ctx.saved_tensors
+        fc1, act = ctx.saved_tensors
         gate, up = fc1.chunk(2, dim=-1)
         out = torch.empty_like(fc1)
         dgate, dup = out.chunk(2, dim=-1)
         torch.mul(grad, up, out=dup)  # scratch: d(silu(gate)) = grad * up
         torch.ops.aten.silu_backward.grad_input(dup, gate, grad_input=dgate)
-        torch.mul(F.silu(gate), grad, out=dup)
+        torch.mul(act, grad, out=dup)
         return out
 
 
