@@ -17,8 +17,8 @@ examples/tiny/data/train.jsonl (each side shuffles them its own way).
 Ours runs `python -m megatron_oreal profile` (rollout, reward, reference + policy passes, weight
 sync: the whole step). CPU s/step is the main process's CPU time per step (TRL: its one process; ours:
 the trainer process, which runs the rollout engine in-process; the reward workers, a few ms a step,
-are not counted): unlike wall time it hardly moves when other jobs share the cores. Step times are wall seconds of whole optimizer steps; the first step of each
-side is warm-up and is left out of the median. Peak RSS is each side's process tree (wait4's
+are not counted): unlike wall time it hardly moves when other jobs share the cores. Step times are
+wall seconds of whole optimizer steps; the first step of each side is warm-up and is left out of the median. Peak RSS is each side's process tree (wait4's
 ru_maxrss: the largest single process of that tree; our reward workers are separate small processes).
 
 TRL lives in its own venv, built on first use at ~/.cache/megatron-oreal/trl-venv (pinned below,

@@ -5,8 +5,8 @@ Megatron's local `DotProductAttention` takes one dense [L, L] mask and materiali
 an 8 k-token row costs ~64 M scores per head where the sequences themselves need ~0.5 M. Here each
 sequence's positions (the row's `slots`, packing.py) are gathered side by side into a padded batch
 [S, heads, max_len, head_dim]; one `scaled_dot_product_attention(is_causal=True)` call then does every
-sequence at once (in fact up to three calls, one per bucket of slots of similar length; measured on 2 cores, 9 k tokens / 128 sequences, one layer fwd+bwd: dense mask
-17.9 s, a Python loop of per-sequence SDPA calls 3.7 s, this 0.16 s; FlexAttention needs
+sequence at once (in fact up to three calls, one per bucket of slots of similar length; measured on
+2 cores, 9 k tokens / 128 sequences, one layer fwd+bwd: dense mask 17.9 s, a Python loop of per-sequence SDPA calls 3.7 s, this 0.16 s; FlexAttention needs
 torch.compile, which costs more than it saves on this path). A prompt shared by several responses
 (packing.py, share_prompts) sits in each of their slots; its outputs are read from its first slot,
 and the keys/values it gives every slot sum their gradients back into the one copy.

@@ -46,6 +46,15 @@ def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | 
     return out
 
 
+def process_alive(pid: int) -> bool:
+    """pid exists and is not a zombie (an exited child its parent has not reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def leftover_processes(key: str, value: str, wait_s: float = 5.0) -> list[int]:
     """Pids of live processes whose environment has key=value (a marker given to one launch), after
     waiting up to wait_s for them to go: what a launch left behind (Linux /proc; [] elsewhere)."""
@@ -61,11 +70,9 @@ def leftover_processes(key: str, value: str, wait_s: float = 5.0) -> list[int]:
             try:
                 with open(f"/proc/{entry}/environ", "rb") as f:
                     env = f.read().split(b"\0")
-                with open(f"/proc/{entry}/stat") as f:
-                    zombie = f.read().rsplit(")", 1)[-1].split()[0] == "Z"
             except OSError:  # gone meanwhile, or not ours to read
                 continue
-            if marker in env and not zombie:
+            if marker in env and process_alive(int(entry)):
                 found.append(int(entry))
         return found
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.torchrun import run_torchrun
+from helpers.torchrun import process_alive, run_torchrun
 from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, requeue_if_slurm
 
 WORKER = Path(__file__).with_name("preempt_worker.py")
@@ -209,14 +209,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("watch", [True, False])
 def test_spawned_child_exits_when_the_trainer_is_killed(tmp_path, watch):
     """After a kill -9 of its parent a child that ignores SIGTERM stays forever unless it watches the
@@ -232,10 +224,10 @@ def test_spawned_child_exits_when_the_trainer_is_killed(tmp_path, watch):
     assert code == -signal.SIGKILL, out.read_text()
     child = int(out.read_text().split()[0])
     deadline = time.monotonic() + 5.0
-    while _alive(child) and time.monotonic() < deadline:
+    while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        assert _alive(child) is not watch
+        assert process_alive(child) is not watch
     finally:
-        if _alive(child):
+        if process_alive(child):
             os.kill(child, signal.SIGKILL)

@@ -132,7 +132,8 @@ def test_lean_forward_token_rm_scores_and_grads(tmp_path, layout):
     rm = build_token_rm(load_hf_config(tmp_path), layout)
     load_hf_weights(rm, tmp_path, layout)
     with torch.no_grad():  # the head starts at zero (every score 0): give it weights to compare
-        rm.output_layer.weight.copy_(torch.randn(rm.output_layer.weight.shape, generator=torch.Generator().manual_seed(2)))
+        head = rm.output_layer.weight
+        head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(2)))
     mb = _row(_grouped_batch())
     _compare(rm, mb, loss=lambda out: (out[..., 0] * torch.linspace(-1, 1, out.shape[1])).sum())
 
