@@ -15,6 +15,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pythonpath(*paths, env: dict | None = None) -> str:
+    """PYTHONPATH for a child: `paths` first, then the one it would inherit (an image that installs
+    packages through PYTHONPATH keeps them)."""
+    inherited = (os.environ if env is None else env).get("PYTHONPATH", "")
+    return os.pathsep.join(str(p) for p in (*paths, inherited) if p)
+
+
 def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | None = None,
                  module: bool = False) -> str:
     """Run `torchrun --nproc_per_node nproc script *args` (module=True: `torchrun -m script`); return stdout.
@@ -31,8 +38,7 @@ def run_torchrun(script, nproc: int, args=(), timeout: float = 300, env: dict | 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # The repo for megatron_oreal, tests/ for `from helpers.say import say` in the workers.
-    paths = (repo, os.path.join(repo, "tests"), full_env.get("PYTHONPATH", ""))
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    full_env["PYTHONPATH"] = pythonpath(repo, os.path.join(repo, "tests"), env=full_env)
     res, timed_out = run_in_session(cmd, full_env, timeout)
     out, err = res.stdout, res.stderr
     if timed_out:

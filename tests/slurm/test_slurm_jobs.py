@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.torchrun import pythonpath
 from megatron_oreal.launch.signals import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -39,7 +40,7 @@ def jobs():
 
 
 def _submit(jobs: list[str], out_dir: Path, train_cmd: list[str], *extra: str) -> str:
-    env = dict(os.environ, OREAL_TRAIN_CMD=" ".join(train_cmd), PYTHONPATH=str(REPO))
+    env = dict(os.environ, OREAL_TRAIN_CMD=" ".join(train_cmd), PYTHONPATH=pythonpath(REPO))
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out_dir}/%x-%j.out", "--export=ALL", *extra, str(SCRIPT)],
         capture_output=True, text=True, env=env, timeout=60,
@@ -146,7 +147,7 @@ def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
     """A plain `scancel` also sends SIGTERM, but the user's cancel must win over our self-requeue."""
     probe = tmp_path / "probe.py"
     probe.write_text(_CANCEL_PROBE)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath(REPO))
     proc = subprocess.run(
         ["sbatch", "--parsable", "--requeue", "-n1", f"--chdir={REPO}", f"--output={tmp_path}/cancel-%j.out",
          "--export=ALL", f"--wrap=srun {sys.executable} {probe}"],
@@ -179,7 +180,7 @@ def test_real_trainer_preempted_requeued_resumes(slurm_cluster, jobs, tmp_path):
     t0 = time.monotonic()
     cfg = _tiny_assets(tmp_path)
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath(REPO))
     env.pop("OREAL_TRAIN_CMD", None)  # the script's own command
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "--export=ALL", str(SCRIPT),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.torchrun import process_alive, run_torchrun
+from helpers.torchrun import process_alive, pythonpath, run_torchrun
 from megatron_oreal.launch.signals import EXIT_PREEMPTED, PreemptionHandler, requeue_if_slurm
 
 WORKER = Path(__file__).with_name("preempt_worker.py")
@@ -27,7 +27,7 @@ def test_exit_code_is_distinct_from_crashes_and_signal_deaths():
 
 
 def test_sigterm_mid_stage_finishes_stage_saves_exits_then_resumes(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath(REPO))
     cmd = [sys.executable, str(WORKER), "single", "--dir", str(tmp_path), "--steps", "4", "--stage-seconds", "0.6"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -146,7 +146,7 @@ def test_signals_before_the_loop_are_recorded_not_fatal():
     """A USR1 in the first seconds used to kill the trainer with 138: install_early records it and
     the loop's handler takes it over."""
     res = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         env=dict(os.environ, PYTHONPATH=pythonpath(REPO)))
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "SIGUSR1", "2"]
     assert "received SIGUSR1 while starting: stopping before the first step" in res.stderr
@@ -183,7 +183,7 @@ def test_children_started_under_the_shield_survive_the_job_step_signals(tmp_path
     script = tmp_path / "children.py"
     script.write_text(CHILDREN)
     res = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         env=dict(os.environ, PYTHONPATH=pythonpath(REPO)))
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "True", "SIGUSR1", "1"], res.stdout + res.stderr
     assert res.stderr.count("received SIGUSR1") == 1  # the trainer's; a forked child stays silent
@@ -220,7 +220,7 @@ def test_spawned_child_exits_when_the_trainer_is_killed(tmp_path, watch):
     out = tmp_path / "out.txt"
     with open(out, "w") as f:  # a file, not a pipe: the orphan keeps its copy of the descriptor open
         code = subprocess.run([sys.executable, str(script), "watch" if watch else "plain"], stdout=f,
-                              stderr=subprocess.STDOUT, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO))).returncode
+                              stderr=subprocess.STDOUT, timeout=120, env=dict(os.environ, PYTHONPATH=pythonpath(REPO))).returncode
     assert code == -signal.SIGKILL, out.read_text()
     child = int(out.read_text().split()[0])
     deadline = time.monotonic() + 5.0

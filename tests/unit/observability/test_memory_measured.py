@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from helpers.torchrun import pythonpath
 from megatron_oreal.observability.estimate import Workload, memory_table, stage_params
 from megatron_oreal.observability.flops import arch_from_hf_config, gpu_by_name
 
@@ -27,7 +28,7 @@ def run_torchrun(script: str, nproc: int, timeout: float) -> str:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(REPO)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
