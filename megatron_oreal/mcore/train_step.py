@@ -80,18 +80,17 @@ def _match_reference_dtypes(reference, ddp_model) -> None:
     """Cast the reference snapshot to the live parameter dtypes after wrapping.
 
     Float16Module (bf16 runs) casts every parameter, including the norms the local spec builds in
-    fp32, *after* the caller snapshotted the initial weights; ReferenceWeights refuses mismatched
-    dtypes. Casting the snapshot once here is exactly what the bf16 policy would compute with.
-    (Adapter over model.ReferenceWeights internals; see the report's request to cast on copy there.)
+    fp32, *after* the caller snapshotted the initial weights. ReferenceWeights would cast on every
+    copy; casting the snapshot once here is exactly what the bf16 policy would compute with, halves
+    its size, and lets a CPU run swap it in by pointer.
     """
     live = dict(unwrap(ddp_model).named_parameters())
-    snap, stash = getattr(reference, "_ref", None), getattr(reference, "_stash", None)
-    if snap is None or stash is None:
+    snap = getattr(reference, "_ref", None)
+    if snap is None:
         return
     for name, p in live.items():
         if name in snap and snap[name].dtype != p.dtype:
-            snap[name] = snap[name].to(p.dtype)
-            stash[name] = torch.empty_like(snap[name])
+            snap[name] = snap[name].to(p.dtype)  # ReferenceWeights makes its stash to match, on first use
 
 
 class OrealTrainer:
