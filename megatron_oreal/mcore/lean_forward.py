@@ -81,15 +81,32 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
 
-def _rotate(src: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
-    """RoPE (rotate-half form) of src [N, G, K, D] by cos/sin [N, 1, 1, 1, D/2]; sign -1 rotates back
-    (the backward of a rotation is the rotation by the opposite angle). Returns a new contiguous tensor."""
-    n, g, k, d = src.shape
-    x = src.contiguous().view(n, g, k, 2, d // 2)
-    out = torch.mul(x, cos)
-    out[:, :, :, 0].addcmul_(x[:, :, :, 1], sin[:, :, :, 0], value=-sign)
-    out[:, :, :, 1].addcmul_(x[:, :, :, 0], sin[:, :, :, 0], value=sign)
-    return out.view(n, g, k, d)
+def rope_tables(cos: Tensor, sin: Tensor, groups: int, per_group: int) -> tuple[Tensor, Tensor]:
+    """Row-wise RoPE tables [N, groups * (per_group + 2) * D] for the fused q/k/v rows, from each row's
+    cos/sin [N, D/2]: the rotate-half form x * cos + rotate_half(x) * sin as `_rotate`'s
+    x * C + halves_swapped(x) * S, with C = [cos, cos] and S = [-sin, sin] on the query and key heads
+    and C = 1, S = 0 on the value head (x * 1 + y * 0 == x for finite values). Whole-row tables keep
+    the rotation three contiguous passes, where per-head broadcasting over 16-wide halves was slow."""
+    n = cos.shape[0]
+    c = torch.cat((cos, cos), -1)[:, None, None]
+    s = torch.cat((-sin, sin), -1)[:, None, None]
+    big_c = cos.new_empty(n, groups, per_group + 2, c.shape[-1])
+    big_s = torch.empty_like(big_c)
+    big_c[:, :, : per_group + 1] = c
+    big_c[:, :, per_group + 1] = 1.0
+    big_s[:, :, : per_group + 1] = s
+    big_s[:, :, per_group + 1] = 0.0
+    return big_c.view(n, -1), big_s.view(n, -1)
+
+
+def _rotate(src: Tensor, tables: tuple[Tensor, Tensor], head_dim: int, sign: float, out: Tensor) -> None:
+    """out = RoPE of the fused q/k/v rows src [N, F] by `rope_tables` (v passes through); sign -1
+    rotates back (the backward of a rotation is the rotation by the opposite angle)."""
+    big_c, big_s = tables
+    n = src.shape[0]
+    swapped = src.view(n, -1, 2, head_dim // 2).roll(1, dims=2).view(n, -1)  # the halves of each head swapped
+    torch.mul(src, big_c, out=out)
+    out.addcmul_(swapped, big_s, value=sign)
 
 
 _MASKS: dict[tuple, Tensor] = {}
@@ -122,16 +139,14 @@ class _SlotAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, layout, groups: int, per_group: int, head_dim: int,
-                scale: float) -> Tensor:
+    def forward(ctx, qkv: Tensor, tables: tuple[Tensor, Tensor], layout, groups: int, per_group: int,
+                head_dim: int, scale: float) -> Tensor:
         buckets, read = layout
         n_rows, r, d = qkv.shape[0], per_group, head_dim
         k_idx = r + 2
-        t = qkv.view(n_rows, groups, k_idx, d)
         rows = qkv.new_empty(n_rows + 1, groups, k_idx, d)
         rows[n_rows].zero_()
-        rows[:n_rows, :, : r + 1] = _rotate(t[:, :, : r + 1], cos, sin, 1.0)
-        rows[:n_rows, :, r + 1] = t[:, :, r + 1]
+        _rotate(qkv, tables, d, 1.0, out=rows[:n_rows].view(n_rows, -1))
         total = sum(n * w for _, n, w in buckets)
         flat = qkv.new_empty(total, groups, r, d)
         saved, off = [], 0
@@ -146,13 +161,13 @@ class _SlotAttention(torch.autograd.Function):
             flat[off: off + n * w].view(n, w, groups, r, d).copy_(out.view(n, groups, r, w, d).permute(0, 3, 1, 2, 4))
             saved += [q, k, v, probs]
             off += n * w
-        ctx.save_for_backward(cos, sin, *saved)
+        ctx.save_for_backward(*tables, *saved)
         ctx.meta = (layout, groups, r, d, scale, n_rows, total)
         return flat.view(total, groups * r * d).index_select(0, read)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        cos, sin, *saved = ctx.saved_tensors
+        big_c, big_s, *saved = ctx.saved_tensors
         (buckets, read), groups, r, d, scale, n_rows, total = ctx.meta
         k_idx = r + 2
         gflat = grad.new_zeros(total, groups * r * d)  # slot positions not read (pads, repeated prompts) get 0
@@ -172,10 +187,9 @@ class _SlotAttention(torch.autograd.Function):
             dx[:, :, :, r + 1] = dv.view(n, groups, w, d).transpose(1, 2)
             grows.index_add_(0, gather, dx.view(n * w, groups, k_idx, d))  # a shared prompt's slots sum
             off += n * w
-        dqkv = grad.new_empty(n_rows, groups, k_idx, d)
-        dqkv[:, :, : r + 1] = _rotate(grows[:n_rows, :, : r + 1], cos, sin, -1.0)
-        dqkv[:, :, r + 1] = grows[:n_rows, :, r + 1]
-        return dqkv.view(n_rows, -1), None, None, None, None, None, None, None
+        dqkv = grad.new_empty(n_rows, groups * k_idx * d)
+        _rotate(grows[:n_rows].view(n_rows, -1), (big_c, big_s), d, -1.0, out=dqkv)
+        return dqkv, None, None, None, None, None, None
 
 
 def unsupported_reason(model) -> str | None:
@@ -260,15 +274,14 @@ def lean_forward(model, input_ids: Tensor, params, layout) -> Tensor:
     inv_freq = model.rotary_pos_emb.inv_freq
     # Megatron's table is outer(position, inv_freq) in fp32 (RotaryEmbedding.forward): the same products.
     angles = params.rope_positions.to(inv_freq.device, inv_freq.dtype)[:, None] * inv_freq[None]
-    cos = angles.cos().to(c.params_dtype).view(n_rows, 1, 1, 1, -1)
-    sin = angles.sin().to(c.params_dtype).view(n_rows, 1, 1, 1, -1)
+    tables = rope_tables(angles.cos().to(c.params_dtype), angles.sin().to(c.params_dtype), groups, per_group)
     scale = model.decoder.layers[0].self_attention.core_attention.softmax_scale
 
     x = model.embedding(input_ids=input_ids, position_ids=None)[:, 0]  # [L, 1, H] -> [L, H]
     for layer in model.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
         qkv = F.linear(_norm(x, layer.input_layernorm), attn.linear_qkv.weight, attn.linear_qkv.bias)
-        ctx = _SlotAttention.apply(qkv, cos, sin, layout, groups, per_group, head_dim, scale)
+        ctx = _SlotAttention.apply(qkv, tables, layout, groups, per_group, head_dim, scale)
         x = _linear_add(x, ctx, attn.linear_proj)
         fc1 = F.linear(_norm(x, layer.pre_mlp_layernorm), mlp.linear_fc1.weight, mlp.linear_fc1.bias)
         x = _linear_add(x, _SwiGLU.apply(fc1), mlp.linear_fc2)
