@@ -25,6 +25,7 @@ from megatron_oreal.checkpoint.resume import CheckpointError, RunCheckpointer, f
 from megatron_oreal.config import ConfigError, RunConfig, load_config
 from megatron_oreal.data.prompts import DataError
 from megatron_oreal.data.templates import TemplateError
+from megatron_oreal.launch.malloc import keep_freed_memory
 from megatron_oreal.launch.signals import PreemptionHandler, finish_preemption
 from megatron_oreal.runtime import Run, RunError, log
 from megatron_oreal.step_log import StepLog
@@ -55,6 +56,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         # collection over it took 0.25 s, once inside the demo's loop (measured); now it scans only what
         # the loop creates. Reference counting still frees frozen objects.
         gc.freeze()
+        keep_freed_memory()  # the loop's tensors re-use heap pages instead of faulting in new ones
         start = r.state.step
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
         for step in range(start, end):
