@@ -28,6 +28,13 @@ both sides drifts together by tens of percent over a minute, so the sides run in
 and each round's ratio is printed as well as the medians.
 
 Ratios are printed against both TRL configurations, per round and as medians.
+
+--paired trl,grpo runs those two sides at the same time in lockstep instead (profile --take-turns and
+trl_grpo_side.py --take-turns, megatron_oreal/observability/turns.py): after each step a side hands
+the turn to the other and sleeps until it comes back, so only one computes at a time and step i of
+one side runs next to step i of the other. The per-step ratios (ours / TRL, step i with step i) then
+see the same machine speed, which drifts by tens of percent within seconds on a shared VM. Printed:
+both medians, the median of the per-step ratios, and peak RSS (each process's own).
 """
 
 from __future__ import annotations
@@ -86,6 +93,70 @@ def our_overrides(side: str, prompts: Path, run_dir: Path) -> list[str]:
     return common + ["algo.actor_freeze_steps=0"]
 
 
+def side_command(side: str, trl_py: Path | None, prompts: Path, steps: int, out: Path, run_dir: Path,
+                 turns: str = "") -> list[str]:
+    """The command line of one side; `turns` = FILE:ME:OTHER runs it in lockstep (--paired)."""
+    if side.startswith("trl"):
+        cmd = [str(trl_py), str(ROOT / "tools/trl_grpo_side.py"), "--model", str(ROOT / "examples/tiny/model"),
+               "--prompts", str(prompts), "--steps", str(steps), "--out", str(out)]
+        cmd += [] if side == "trl_nogc" else ["--gradient-checkpointing"]
+    else:
+        cmd = [sys.executable, "-m", "megatron_oreal", "profile", str(ROOT / "examples/tiny/oreal.yaml"),
+               "--steps", str(steps), "--metrics-out", str(out), *our_overrides(side, prompts, run_dir)]
+    return cmd + (["--take-turns", turns] if turns else [])
+
+
+def step_times(side: str, out: Path) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds of every step of a side's result file."""
+    data = json.loads(out.read_text())
+    if side.startswith("trl"):
+        return data["step_s"], data["cpu_s"]
+    return [m["time/step"] for m in data], [m["cpu/step_s"] for m in data]
+
+
+def run_paired(pair: list[str], trl_py: Path | None, prompts: Path, args, work: Path, env: dict) -> int:
+    """The two sides of `pair` at once, taking turns step by step (module docstring); prints the figures."""
+    ratios, med, peak = [], {s: [] for s in pair}, {s: 0.0 for s in pair}
+    for rnd in range(args.rounds):
+        turn_file = work / f"turns_r{rnd}"
+        turn_file.write_text(pair[0])
+        procs, outs = {}, {}
+        for side, other in (pair, pair[::-1]):
+            outs[side] = work / f"{side}_paired_r{rnd}.json"
+            cmd = side_command(side, trl_py, prompts, args.steps, outs[side], work / f"run_{side}_paired_r{rnd}",
+                               turns=f"{turn_file}:{side}:{other}")
+            with open(work / f"{side}_paired_r{rnd}.log", "w") as log:
+                procs[side] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        pending = dict(procs)
+        while pending:  # a side that fails takes the other down (it would wait for its turn until timeout)
+            pid, status, usage = os.wait4(-1, 0)
+            side = next((s for s, p in pending.items() if p.pid == pid), None)
+            if side is None:
+                continue
+            pending.pop(side).returncode = code = os.waitstatus_to_exitcode(status)
+            peak[side] = max(peak[side], usage.ru_maxrss / 2**20)
+            if code != 0:
+                for p in pending.values():
+                    p.kill()
+                print(f"{side}: exit code {code}; log: {work / f'{side}_paired_r{rnd}.log'}", file=sys.stderr)
+                return 1
+        times = {s: step_times(s, outs[s])[0] for s in pair}
+        n = min(len(t) for t in times.values())
+        per = [times[pair[1]][i] / times[pair[0]][i] for i in range(1, n)]  # step 0 is each side's warm-up
+        ratios += per
+        for s in pair:
+            med[s].append(median_after_warmup(times[s]))
+        print(f"round {rnd}: {pair[0]} {med[pair[0]][-1]:.3f} s/step, {pair[1]} {med[pair[1]][-1]:.3f} s/step, "
+              f"per-step {pair[1]}/{pair[0]} median {statistics.median(per):.2f}x "
+              f"(range {min(per):.2f}-{max(per):.2f}, {len(per)} steps)", flush=True)
+    a, b = pair
+    print(f"\npaired, {args.rounds} round(s) x {args.steps} steps: {a} median {statistics.median(med[a]):.3f} s/step, "
+          f"{b} median {statistics.median(med[b]):.3f} s/step; {b}/{a} per-step ratio median "
+          f"{statistics.median(ratios):.2f}x over {len(ratios)} step pairs; peak RSS {a} {peak[a]:.2f} GiB, "
+          f"{b} {peak[b]:.2f} GiB")
+    return 0
+
+
 def median_after_warmup(times: list[float]) -> float:
     used = times[1:] if len(times) > 1 else times
     return statistics.median(used)
@@ -100,11 +171,15 @@ def main() -> int:
     ap.add_argument("--sides", default="trl,trl_nogc,grpo,oreal",
                     help="trl: TRL's defaults (gradient checkpointing on), trl_nogc: without it, grpo/oreal: ours")
     ap.add_argument("--keep", default="", help="keep the run dirs and logs here (default: a temp dir)")
+    ap.add_argument("--paired", default="", metavar="A,B",
+                    help="run sides A and B at once in lockstep, step by step (e.g. trl,grpo); see the docstring")
     args = ap.parse_args()
-    sides = [s for s in args.sides.split(",") if s]
+    sides = [s for s in (args.paired or args.sides).split(",") if s]
     unknown = set(sides) - {"trl", "trl_nogc", "grpo", "oreal"}
     if unknown or args.steps < 2:
         ap.error(f"unknown sides {sorted(unknown)}" if unknown else "--steps must be >= 2 (one warm-up step)")
+    if args.paired and (len(sides) != 2 or sides[0] == sides[1]):
+        ap.error(f"--paired {args.paired!r}: two different sides, e.g. trl,grpo")
 
     trl_py = ensure_trl_venv() if {"trl", "trl_nogc"} & set(sides) else None
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_trl_"))
@@ -116,6 +191,9 @@ def main() -> int:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
+    if args.paired:
+        return run_paired(sides, trl_py, prompts, args, work, env)
+
     results: dict[str, dict] = {s: {"step_s": [], "cpu_s": [], "peak_gb": 0.0, "load": []} for s in sides}
     for rnd in range(args.rounds):
         for side in sides:
@@ -123,22 +201,12 @@ def main() -> int:
             out = work / f"{tag}.json"
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
-            if side.startswith("trl"):
-                cmd = [str(trl_py), str(ROOT / "tools/trl_grpo_side.py"), "--model", str(ROOT / "examples/tiny/model"),
-                       "--prompts", str(prompts), "--steps", str(args.steps), "--out", str(out)]
-                cmd += [] if side == "trl_nogc" else ["--gradient-checkpointing"]
-            else:
-                cmd = [sys.executable, "-m", "megatron_oreal", "profile", str(ROOT / "examples/tiny/oreal.yaml"),
-                       "--steps", str(args.steps), "--metrics-out", str(out),
-                       *our_overrides(side, prompts, work / f"run_{tag}")]
+            cmd = side_command(side, trl_py, prompts, args.steps, out, work / f"run_{tag}")
             code, peak = run_measured(cmd, env, work / f"{tag}.log")
             if code != 0:
                 print(f"{side}: exit code {code}; log: {work / f'{tag}.log'}", file=sys.stderr)
                 return 1
-            data = json.loads(out.read_text())
-            trl_side = side.startswith("trl")
-            times = data["step_s"] if trl_side else [m["time/step"] for m in data]
-            cpu = data["cpu_s"] if trl_side else [m["cpu/step_s"] for m in data]
+            times, cpu = step_times(side, out)
             r = results[side]
             r["step_s"].append(median_after_warmup(times))
             r["cpu_s"].append(median_after_warmup(cpu))

@@ -38,7 +38,22 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--take-turns", default="", metavar="FILE:ME:OTHER",
+                    help="lockstep with our side (bench_vs_trl.py --paired): megatron_oreal/observability/turns.py")
     args = ap.parse_args()
+    turns = None
+    if args.take_turns:
+        # turns.py is stdlib only; loaded by path so TRL's venv needs nothing of the project installed
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location(
+            "turns", Path(__file__).resolve().parent.parent / "megatron_oreal/observability/turns.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        rest, _, other = args.take_turns.rpartition(":")
+        path, _, me = rest.rpartition(":")
+        turns = mod.Turns(path, me, other)
 
     import torch
     from datasets import Dataset
@@ -71,6 +86,8 @@ def main() -> int:
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self._t)
             self.cpu.append(time.process_time() - self._c)
+            if turns is not None:  # outside the timed step: the other side runs one step meanwhile
+                turns.pass_and_wait()
 
     clock = StepClock()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=data,
@@ -79,6 +96,8 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump({"step_s": clock.times, "cpu_s": clock.cpu, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                    "torch_threads": torch.get_num_threads()}, f)
+    if turns is not None:
+        turns.finish()
     return 0
 
 

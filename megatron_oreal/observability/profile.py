@@ -37,6 +37,17 @@ def parse_step_range(text: str) -> tuple[int, int]:
     return a, b
 
 
+def parse_turns(text: str):
+    """--take-turns FILE:ME:OTHER -> a Turns (observability/turns.py)."""
+    from megatron_oreal.observability.turns import Turns
+
+    rest, sep, other = text.rpartition(":")
+    path, sep2, me = rest.rpartition(":")
+    if not (sep and sep2 and path and me and other):
+        raise ValueError(f"--take-turns {text!r}: expected FILE:ME:OTHER")
+    return Turns(path, me, other)
+
+
 def _mean(values: Sequence[float]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="PyTorch-profiler trace for steps a:b, counted from 0 at this command's first step")
     parser.add_argument("--metrics-out", default="",
                         help="also write every step's metrics to this JSON file (a list, one dict per step)")
+    parser.add_argument("--take-turns", default="", metavar="FILE:ME:OTHER",
+                        help="run in lockstep with another process (e.g. tools/bench_vs_trl.py --paired): after "
+                             "each step hand the turn to OTHER through FILE and wait for it back "
+                             "(observability/turns.py)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
     if args.steps <= 0:
@@ -180,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trace_steps = parse_step_range(args.trace_steps) if args.trace_steps else None
+        turns = parse_turns(args.take_turns) if args.take_turns else None
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         step = len(steps)
         steps.append(dict(metrics))
         window.step_end(step)
+        if turns is not None:  # after time/step was taken, before the next step's clock starts
+            turns.pass_and_wait()
         window.step_begin(step + 1)
 
     window.step_begin(0)
@@ -208,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         train.run(cfg, max_steps=args.steps, on_step=on_step)
     finally:
         window.close()
+        if turns is not None:
+            turns.finish()
     if rank == 0:
         print(format_profile_table(steps))
         if args.metrics_out:
