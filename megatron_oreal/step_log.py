@@ -46,6 +46,7 @@ class StepLog:
         self.arch = arch_from_hf_config(run.hf_config)
         self.device = GPUS["h100-80g"] if run.layout.device.startswith("cuda") else GPUS["cpu"]
         self.step_times: list[float] = []
+        self.last_step = self.cfg.steps  # the console's "step i/N" and ETA; the loop sets where it stops
 
     def record(self, step: int, groups: list[Group], batch: TrainBatch, metrics: dict) -> dict:
         r, st = self.run, self.run.state
@@ -73,7 +74,7 @@ class StepLog:
         self.step_times.append(step_s)
         recent = self.step_times[-10:]
         if r.layout.is_main and (step + 1) % max(self.cfg.log.console_every, 1) == 0:
-            print(console_line(step + 1, self.cfg.steps, metrics, sum(recent) / len(recent)), flush=True)
+            print(console_line(step + 1, self.last_step, metrics, sum(recent) / len(recent)), flush=True)
         r.writer.write(step + 1, metrics)
         if batch.sequences:  # a skipped update left the previous step's weights behind: no page for them
             self._maybe_html(step, groups)

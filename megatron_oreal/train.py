@@ -59,6 +59,7 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         keep_freed_memory()  # the loop's tensors re-use heap pages instead of faulting in new ones
         start = r.state.step
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        steplog.last_step = end  # `profile --steps 6` / `--max-steps`: "step 3/6", not "3/60"
         for step in range(start, end):
             t0 = time.perf_counter()
             r.timer.step_start()  # time/step excludes start-up (initial sync, step-0 eval) and evals/saves
