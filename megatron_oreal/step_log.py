@@ -8,7 +8,9 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from megatron_oreal.observability.flops import GPUS, arch_from_hf_config, step_throughput
+import torch
+
+from megatron_oreal.observability.flops import GPUS, arch_from_hf_config, gpu_for_device_name, step_throughput
 from megatron_oreal.observability.tb import console_line
 from megatron_oreal.types import Group, TrainBatch
 
@@ -44,7 +46,8 @@ class StepLog:
         self.run = run
         self.cfg = run.cfg
         self.arch = arch_from_hf_config(run.hf_config)
-        self.device = GPUS["h100-80g"] if run.layout.device.startswith("cuda") else GPUS["cpu"]
+        self.device = (gpu_for_device_name(torch.cuda.get_device_name(run.layout.device))
+                       if run.layout.device.startswith("cuda") else GPUS["cpu"])
         self.step_times: list[float] = []
         self.last_step = self.cfg.steps  # the console's "step i/N" and ETA; the loop sets where it stops
 

@@ -169,6 +169,21 @@ def gpu_by_name(name: str) -> GpuSpec:
     return GPUS[name.lower()]
 
 
+# CUDA device names (torch.cuda.get_device_name) -> GPUS key, first match wins: "NVIDIA H200",
+# "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB".
+_DEVICE_NAME_KEYS = (("h200", "h200"), ("h100", "h100-80g"), ("a100", "a100-80g"))
+
+
+def gpu_for_device_name(device_name: str) -> GpuSpec:
+    """The spec of a CUDA device by its reported name, so MFU divides by that chip's peak; a chip not
+    in GPUS is taken as an H100 (the spec the recipes assume), with that name kept in `name`."""
+    low = device_name.lower()
+    for part, key in _DEVICE_NAME_KEYS:
+        if part in low:
+            return GPUS[key]
+    return replace(GPUS["h100-80g"], name=f"{device_name} (as h100-80g)")
+
+
 def peak_flops(gpu: GpuSpec, fp8: bool = False) -> float:
     if fp8 and gpu.fp8_flops <= 0:
         raise ValueError(f"{gpu.name} has no FP8 tensor cores: policy.fp8 / rollout.fp8 need Hopper or newer")

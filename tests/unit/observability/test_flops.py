@@ -89,3 +89,14 @@ def test_step_throughput_hand_computed():
     one = step_throughput({"time/train": 4.0}, arch=a, n_devices=2, peak=1e6, rollout_tokens=0,
                           train_tokens=100, train_seq_len=5)
     assert one["mfu"] == m["mfu"] and "sync/gbps" not in one
+
+
+def test_cuda_device_names_pick_their_chip_for_mfu():
+    from megatron_oreal.observability.flops import GPUS, gpu_for_device_name
+
+    assert gpu_for_device_name("NVIDIA H200") is GPUS["h200"]  # the name the lent H200 reported
+    assert gpu_for_device_name("NVIDIA H100 80GB HBM3") is GPUS["h100-80g"]
+    a100 = gpu_for_device_name("NVIDIA A100-SXM4-80GB")
+    assert a100 is GPUS["a100-80g"] and a100.bf16_flops == 312e12  # not the H100's 989e12
+    other = gpu_for_device_name("NVIDIA L40S")
+    assert other.bf16_flops == GPUS["h100-80g"].bf16_flops and other.name == "NVIDIA L40S (as h100-80g)"
