@@ -42,14 +42,15 @@ def rollout_metrics(groups: list[Group]) -> dict[str, float]:
 
 
 class StepLog:
-    def __init__(self, run: Any):
+    def __init__(self, run: Any, last_step: int | None = None):
         self.run = run
         self.cfg = run.cfg
         self.arch = arch_from_hf_config(run.hf_config)
         self.device = (gpu_for_device_name(torch.cuda.get_device_name(run.layout.device))
                        if run.layout.device.startswith("cuda") else GPUS["cpu"])
         self.step_times: list[float] = []
-        self.last_step = self.cfg.steps  # the console's "step i/N" and ETA; the loop sets where it stops
+        # the console's "step i/N" and ETA count to where this run stops (`profile --steps`, `--max-steps`)
+        self.last_step = self.cfg.steps if last_step is None else last_step
 
     def record(self, step: int, groups: list[Group], batch: TrainBatch, metrics: dict) -> dict:
         r, st = self.run, self.run.state

@@ -42,7 +42,9 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
     try:
         resumed = r.maybe_resume()
         r.trim_step_records()  # steps after the checkpoint are re-run: drop their old records
-        steplog = StepLog(r)
+        start = r.state.step
+        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        steplog = StepLog(r, last_step=end)
         r.to_rollout()  # the engine starts from the HF files; after a resume it must get the trained weights
         if preemption.should_stop():  # asked to stop while starting: nothing new to save
             code = finish_preemption(r.layout.is_main, torch.distributed.barrier)
@@ -57,9 +59,6 @@ def _train(cfg: RunConfig, preemption: PreemptionHandler, max_steps: int | None,
         # the loop creates. Reference counting still frees frozen objects.
         gc.freeze()
         keep_freed_memory()  # the loop's tensors re-use heap pages instead of faulting in new ones
-        start = r.state.step
-        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-        steplog.last_step = end  # `profile --steps 6` / `--max-steps`: "step 3/6", not "3/60"
         for step in range(start, end):
             t0 = time.perf_counter()
             r.timer.step_start()  # time/step excludes start-up (initial sync, step-0 eval) and evals/saves

@@ -1,6 +1,7 @@
 """Side by side on the CPU: Hugging Face TRL's GRPOTrainer vs ours, same tiny model, prompts and shape.
 
     python tools/bench_vs_trl.py [--steps 8] [--rounds 3] [--threads 0] [--sides trl,trl_nogc,grpo,oreal]
+                                 [--paired trl,grpo] [--keep DIR]
 
 Shape (issue 13): 16 prompts x 8 samples per step, <= 32 new tokens, T = 1, k3 KL 0.01, one optimizer
 step per rollout, fp32, model examples/tiny/model, prompts = the first 16 x steps problems of

@@ -51,9 +51,7 @@ def main() -> int:
             "turns", Path(__file__).resolve().parent.parent / "megatron_oreal/observability/turns.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        rest, _, other = args.take_turns.rpartition(":")
-        path, _, me = rest.rpartition(":")
-        turns = mod.Turns(path, me, other)
+        turns = mod.Turns.from_spec(args.take_turns)
 
     import torch
     from datasets import Dataset

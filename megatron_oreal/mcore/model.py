@@ -142,6 +142,15 @@ class ReferenceWeights:
         self._ref = {n: _host_copy(p, pin) for n, p in unwrap(model).named_parameters()}
         self._stash: dict[str, torch.Tensor] = {}  # host copies of the live weights, for copied parameters only
 
+    def match_dtypes(self, model: nn.Module) -> None:
+        """Cast the snapshot to the live parameter dtypes, once, after wrapping: Float16Module (bf16
+        runs) casts every parameter, including the norms the local spec builds in fp32, *after* the
+        snapshot was taken. Exactly what the bf16 policy would compute with, half the size, and a CPU
+        run can then swap it in by pointer instead of casting on every copy."""
+        for name, p in unwrap(model).named_parameters():
+            if name in self._ref and self._ref[name].dtype != p.dtype:
+                self._ref[name] = self._ref[name].to(p.dtype)  # the stash follows on first use
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._ref.values())

@@ -76,23 +76,6 @@ def _all_reduce_counts(mbs: list[MicroBatch], layout) -> dict[str, float]:
     return dict(zip(keys, vec.cpu().tolist()))
 
 
-def _match_reference_dtypes(reference, ddp_model) -> None:
-    """Cast the reference snapshot to the live parameter dtypes after wrapping.
-
-    Float16Module (bf16 runs) casts every parameter, including the norms the local spec builds in
-    fp32, *after* the caller snapshotted the initial weights. ReferenceWeights would cast on every
-    copy; casting the snapshot once here is exactly what the bf16 policy would compute with, halves
-    its size, and lets a CPU run swap it in by pointer.
-    """
-    live = dict(unwrap(ddp_model).named_parameters())
-    snap = getattr(reference, "_ref", None)
-    if snap is None:
-        return
-    for name, p in live.items():
-        if name in snap and snap[name].dtype != p.dtype:
-            snap[name] = snap[name].to(p.dtype)  # ReferenceWeights makes its stash to match, on first use
-
-
 class OrealTrainer:
     """Owns the DDP-wrapped policy and token RM and their optimizers; `update` is one RL step."""
 
@@ -118,7 +101,7 @@ class OrealTrainer:
         self.last_token_weights: list = []  # (TrainSequence, ω per token) of the last update, for the HTML page
         self.policy = optim.wrap_ddp(policy, distributed_optimizer=distributed_optimizer)
         if reference is not None:
-            _match_reference_dtypes(reference, self.policy)
+            reference.match_dtypes(self.policy)
         self.policy_opt = optim.build_optimizer(self.policy, policy_optim_cfg, distributed_optimizer=distributed_optimizer)
         self.use_rm = token_rm is not None and algo_cfg.token_weighting != "none"
         self.token_rm = self.rm_opt = None

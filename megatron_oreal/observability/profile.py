@@ -37,17 +37,6 @@ def parse_step_range(text: str) -> tuple[int, int]:
     return a, b
 
 
-def parse_turns(text: str):
-    """--take-turns FILE:ME:OTHER -> a Turns (observability/turns.py)."""
-    from megatron_oreal.observability.turns import Turns
-
-    rest, sep, other = text.rpartition(":")
-    path, sep2, me = rest.rpartition(":")
-    if not (sep and sep2 and path and me and other):
-        raise ValueError(f"--take-turns {text!r}: expected FILE:ME:OTHER")
-    return Turns(path, me, other)
-
-
 def _mean(values: Sequence[float]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -195,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trace_steps = parse_step_range(args.trace_steps) if args.trace_steps else None
-        turns = parse_turns(args.take_turns) if args.take_turns else None
+        turns = None
+        if args.take_turns:
+            from megatron_oreal.observability.turns import Turns
+
+            turns = Turns.from_spec(args.take_turns)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,15 @@ class Turns:
         self.path, self.me, self.other = Path(path), me, other
         self.timeout, self.poll = timeout, poll
 
+    @classmethod
+    def from_spec(cls, spec: str, **kw) -> "Turns":
+        """From the command-line form FILE:ME:OTHER (FILE may itself contain ':')."""
+        rest, sep, other = spec.rpartition(":")
+        path, sep2, me = rest.rpartition(":")
+        if not (sep and sep2 and path and me and other):
+            raise ValueError(f"--take-turns {spec!r}: expected FILE:ME:OTHER")
+        return cls(path, me, other, **kw)
+
     def _done_marker(self, name: str) -> Path:
         return self.path.with_name(f"{self.path.name}.done.{name}")
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers.torchrun import pythonpath
 
 from megatron_oreal.observability.turns import Turns
@@ -55,3 +57,10 @@ def test_waiting_stops_when_the_partner_is_done(tmp_path):
     me.pass_and_wait()  # gives the turn to y, which will never answer: returns on y's done marker
     assert time.perf_counter() - t0 < 5
     assert me.whose() == "y"
+
+
+def test_command_line_spec():
+    t = Turns.from_spec("/tmp/a:b/turn:grpo:trl")
+    assert (str(t.path), t.me, t.other) == ("/tmp/a:b/turn", "grpo", "trl")
+    with pytest.raises(ValueError, match="FILE:ME:OTHER"):
+        Turns.from_spec("turn:grpo")
