@@ -45,7 +45,7 @@ def _row(batch):
 
 def test_functions_backward_pass_gradcheck():
     from megatron_oreal.mcore.cpu_attention import slot_layout
-    from megatron_oreal.mcore.lean_forward import _RMSNorm, _SlotAttention, _SwiGLU, rope_tables
+    from megatron_oreal.mcore.lean_forward import _RMSNorm, _SlotAttention, _SwiGLU, rope_tables, slot_index
 
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
@@ -54,18 +54,18 @@ def test_functions_backward_pass_gradcheck():
 
     # 4 sequences over 9 row positions, a 2-token prompt shared by two of them; 2 groups x 2 heads, dim 4
     slots = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 9], [5, 6, 9, 9], [7, 8, 9, 9]])
-    layout = slot_layout(slots, 9, max_buckets=2)
+    index = slot_index(slot_layout(slots, 9, max_buckets=2), 9, 2, 2)
     positions = torch.tensor([0, 1, 2, 3, 2, 0, 1, 0, 1], dtype=torch.float64)
     angles = positions[:, None] * torch.tensor([1.0, 0.1], dtype=torch.float64)[None]
     tables = rope_tables(angles.cos(), angles.sin(), 2, 2)
     qkv = rnd(9, 2 * 4 * 4)
-    assert torch.autograd.gradcheck(lambda t: _SlotAttention.apply(t, tables, layout, 2, 2, 4, 0.5), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: _SlotAttention.apply(t, tables, index, 2, 2, 4, 0.5), (qkv,))
 
 
 def test_slot_attention_matches_sdpa_per_sequence():
     """Each sequence's output equals causal SDPA over that sequence alone, after the same rotation."""
     from megatron_oreal.mcore.cpu_attention import slot_layout
-    from megatron_oreal.mcore.lean_forward import _SlotAttention, rope_tables
+    from megatron_oreal.mcore.lean_forward import _SlotAttention, rope_tables, slot_index
 
     g = torch.Generator().manual_seed(1)
     slots = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 7], [5, 6, 7, 7]])
@@ -73,7 +73,7 @@ def test_slot_attention_matches_sdpa_per_sequence():
     angles = positions[:, None].float() * torch.tensor([1.0, 0.3, 0.01])[None]
     cos, sin = angles.cos(), angles.sin()
     qkv = torch.randn(7, 1 * (3 + 2) * 6, generator=g)  # 1 group of 3 query heads, head dim 6
-    out = _SlotAttention.apply(qkv, rope_tables(cos, sin, 1, 3), slot_layout(slots, 7), 1, 3, 6, 0.4)
+    out = _SlotAttention.apply(qkv, rope_tables(cos, sin, 1, 3), slot_index(slot_layout(slots, 7), 7, 1, 3), 1, 3, 6, 0.4)
     t = qkv.view(7, 1, 5, 6)
     # HF's rotate-half RoPE, written out: x * cos + rotate_half(x) * sin, cos/sin repeated over both halves
     c, s_ = (torch.cat([a.view(7, 1, 1, 3)] * 2, -1) for a in (cos, sin))
