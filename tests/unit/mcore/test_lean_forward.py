@@ -73,7 +73,8 @@ def test_slot_attention_matches_sdpa_per_sequence():
     angles = positions[:, None].float() * torch.tensor([1.0, 0.3, 0.01])[None]
     cos, sin = angles.cos(), angles.sin()
     qkv = torch.randn(7, 1 * (3 + 2) * 6, generator=g)  # 1 group of 3 query heads, head dim 6
-    out = _SlotAttention.apply(qkv, rope_tables(cos, sin, 1, 3), slot_index(slot_layout(slots, 7), 7, 1, 3), 1, 3, 6, 0.4)
+    index = slot_index(slot_layout(slots, 7), 7, 1, 3)
+    out = _SlotAttention.apply(qkv, rope_tables(cos, sin, 1, 3), index, 1, 3, 6, 0.4)
     t = qkv.view(7, 1, 5, 6)
     # HF's rotate-half RoPE, written out: x * cos + rotate_half(x) * sin, cos/sin repeated over both halves
     c, s_ = (torch.cat([a.view(7, 1, 1, 3)] * 2, -1) for a in (cos, sin))
