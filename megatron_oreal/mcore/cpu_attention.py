@@ -168,7 +168,7 @@ class LocalGPTModel(GPTModel):
                 and self.lean_off_reason() is None):
             from megatron_oreal.mcore.lean_forward import lean_forward
 
-            return lean_forward(self, input_ids, packed_seq_params, row_slot_layout(packed_seq_params, input_ids))
+            return lean_forward(self, input_ids, packed_seq_params)
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
                                packed_seq_params, extra_block_kwargs, runtime_gather_output, **kwargs)
 

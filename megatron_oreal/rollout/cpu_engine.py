@@ -140,6 +140,17 @@ class _PreallocLayer(DynamicLayer):
         self.length += 1
         return self._kt[:, :, :, : self.length], self._v[:, :, : self.length]
 
+    def reserve_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For a kernel that writes this step's key/value itself (native.decode_attention): the whole
+        buffers (keys transposed [B, H, D, capacity], values [B, H, capacity, D], both contiguous) and
+        the position to write; the length counts it from here on."""
+        if self.length + 1 > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length}+1 > capacity {self.capacity}")
+        if not (self._kt.is_contiguous() and self._v.is_contiguous()):
+            raise RuntimeError("reserve_step: the cache buffers are not contiguous")
+        self.length += 1
+        return self._kt, self._v, self.length - 1
+
     def _refresh(self) -> None:
         self.keys = self._kt[:, :, :, : self.length].transpose(2, 3)
         self.values = self._v[:, :, : self.length]

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_oreal import native
+
 
 def _classes():
     from transformers.models.llama import modeling_llama as ml
@@ -115,6 +117,7 @@ class LeanDecoder:
         self.scaling = attn.scaling
         self._ptrs: list[int] = []
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._native = native.kernels()  # None: no compiler, or turned off (the PyTorch `_attend` then)
         self.refresh()
 
     def _linears(self):
@@ -170,33 +173,51 @@ class LeanDecoder:
         weight = self.model.model.embed_tokens.weight
         self._table = self._rope(weight[:1], torch.arange(positions)[None, :])
 
+    def _attend(self, qkv, cos, sin, cache_layer, key_mask) -> torch.Tensor:
+        """Rotate q and k, append k and v to the cache, attend: [B, Hq * D] (PyTorch ops)."""
+        bsz, dim, hq, hkv = qkv.shape[0], self.head_dim, self.q_heads, self.kv_heads
+        qk = qkv[:, : (hq + hkv) * dim].view(bsz, hq + hkv, dim)
+        qk = qk * cos + torch.roll(qk, dim // 2, -1) * sin  # roll = halves swapped (5x faster than flip)
+        v = qkv[:, (hq + hkv) * dim :].view(bsz, hkv, dim)
+        kt, vv = cache_layer.append_step(qk[:, hq:], v)  # [B, Hkv, D, L], [B, Hkv, L, D]
+        q = qk[:, :hq].reshape(bsz, hkv, hq // hkv, dim)  # query head h reads kv head h // group
+        scores = torch.matmul(q, kt)
+        if key_mask is not None:
+            scores.add_(key_mask[..., : kt.shape[-1]])
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != vv.dtype:
+            probs = probs.to(vv.dtype)
+        return torch.matmul(probs, vv).view(bsz, hq * dim)
+
+    def _attend_native(self, lib, qkv, cos, sin, cache_layer, key_mask) -> torch.Tensor:
+        """`_attend` in one fused kernel (native.decode_attention, fp32): the same values up to round-off."""
+        bsz = qkv.shape[0]
+        kt, v, pos = cache_layer.reserve_step()
+        out = qkv.new_empty(bsz, self.q_heads * self.head_dim)
+        mask_ptr, mask_stride = (None, 0) if key_mask is None else (key_mask.data_ptr(), key_mask.stride(0))
+        lib.decode_attention(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), kt.data_ptr(),
+                             v.data_ptr(), mask_ptr, mask_stride, out.data_ptr(), bsz, self.q_heads, self.kv_heads,
+                             self.head_dim, pos, kt.shape[-1])
+        return out
+
     def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor | None) -> torch.Tensor:
         """token, positions [B] (long); cache_layers: the engine's _PreallocLayer per layer (this step's
         K/V are appended at their current length); key_mask additive [B, 1, 1, >= length+1], or None
         when it would be all zeros (adding zeros changes no bit of the softmax: only a -0.0 score
         becomes +0.0, and exp treats them alike). Returns logits [B, V] of the new token's position."""
-        bsz, dim, hq, hkv = token.shape[0], self.head_dim, self.q_heads, self.kv_heads
-        group, half = hq // hkv, dim // 2
         h = F.embedding(token, self._embed)
         if self._table is not None:
             cos, sin = self._table[0].index_select(0, positions), self._table[1].index_select(0, positions)
         else:
             cos, sin = self._rope(h, positions[:, None])
+        native = self._native if h.dtype == torch.float32 else None
         for (in_norm, qkv_wt, qkv_b, gu_wt, gu_b, o_wt, o_b, post_norm, down_wt, down_b), cl in zip(self.layers, cache_layers):
             x = _norm(h, in_norm)
             qkv = torch.addmm(qkv_b, x, qkv_wt) if qkv_b is not None else torch.mm(x, qkv_wt)
-            qk = qkv[:, : (hq + hkv) * dim].view(bsz, hq + hkv, dim)
-            qk = qk * cos + torch.roll(qk, half, -1) * sin  # roll = halves swapped (5x faster than flip)
-            v = qkv[:, (hq + hkv) * dim :].view(bsz, hkv, dim)
-            kt, vv = cl.append_step(qk[:, hq:], v)  # [B, Hkv, D, L], [B, Hkv, L, D]
-            q = qk[:, :hq].reshape(bsz, hkv, group, dim)  # query head h reads kv head h // group
-            scores = torch.matmul(q, kt)
-            if key_mask is not None:
-                scores.add_(key_mask[..., : kt.shape[-1]])
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            if probs.dtype != vv.dtype:
-                probs = probs.to(vv.dtype)
-            out = torch.matmul(probs, vv).view(bsz, hq * dim)
+            if native is not None:
+                out = self._attend_native(native, qkv, cos, sin, cl, key_mask)
+            else:
+                out = self._attend(qkv, cos, sin, cl, key_mask)
             h = _residual(h, out, o_wt, o_b)
             x = _norm(h, post_norm)
             gu = torch.addmm(gu_b, x, gu_wt) if gu_b is not None else torch.mm(x, gu_wt)

@@ -3,7 +3,8 @@
 - Each autograd Function's hand-written backward passes torch.autograd.gradcheck in float64.
 - On a row of shared prompts in three length buckets: the logits and every parameter gradient equal
   those of Megatron's layers (with PackedLocalAttention), for Qwen2 (q/k/v biases, GQA), Llama with
-  tied embeddings and Llama-3 RoPE scaling, and the token RM's score head.
+  tied embeddings and Llama-3 RoPE scaling, and the token RM's score head; with the native kernels
+  (megatron_oreal.native, whenever they build) and, for Qwen2, also without them.
 """
 
 from __future__ import annotations
@@ -108,22 +109,26 @@ def _compare(model, mb, loss=lambda out: out.float().pow(2).mean()):
         assert (lean_g[name] - grad).abs().max().item() <= 2e-5 * max(1.0, grad.abs().max().item()), name
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama_tied"])
-def test_lean_forward_matches_megatron_logits_and_grads(tmp_path, layout, arch):
+@pytest.mark.parametrize("arch", ["qwen2", "llama_tied", "qwen2_no_native_kernels"])
+def test_lean_forward_matches_megatron_logits_and_grads(tmp_path, layout, arch, monkeypatch):
     from megatron_oreal.checkpoint.hf_io import load_hf_weights
     from megatron_oreal.mcore.hf_config import load_hf_config
     from megatron_oreal.mcore.model import build_policy
 
-    if arch == "qwen2":
+    if arch.startswith("qwen2"):
         make_tiny_qwen2(tmp_path, seed=3, layers=3)
     else:
         make_tiny_llama(tmp_path, seed=3, tie=True, heads=4, kv_heads=1)
         cfg = load_hf_config(tmp_path)
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    model = build_policy(cfg if arch != "qwen2" else load_hf_config(tmp_path), layout)
+    model = build_policy(cfg if not arch.startswith("qwen2") else load_hf_config(tmp_path), layout)
     load_hf_weights(model, tmp_path, layout)
     assert model.lean_off_reason() is None
+    if arch.endswith("no_native_kernels"):  # the PyTorch code a machine without a C compiler runs
+        from megatron_oreal import native
+
+        monkeypatch.setattr(native, "_loaded", [None])
     _compare(model, _row(_grouped_batch()))
 
 
