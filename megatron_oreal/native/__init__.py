@@ -38,7 +38,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 # name -> argument types, as declared in cpu_kernels.c
 _SIGNATURES = {
-    "decode_attention": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _I, _I, _I, _I, _I, _I],
+    "decode_attention": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _I, _I, _I, _I, _I, _I, _P, _I],
     "rms_norm_forward": [_P, _P, _F, _P, _P, _L, _I],
     "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _L, _I],
     "swiglu_forward": [_P, _P, _L, _I],

@@ -34,14 +34,14 @@ static inline float exp_f32(float x) {
  *   kt [B, Hkv, D, cap] (keys transposed), v [B, Hkv, cap, D]: the cache; this step's rotated key
  *     and value are written at position pos, and attention reads positions 0 .. pos;
  *   mask [B, mask_stride] additive key mask, or NULL;
- *   out [B, Hq * D]. */
+ *   out [B, Hq * D]; scratch: max_threads * cap floats. */
 static inline __attribute__((always_inline)) void
 decode_attention_impl(const float *qkv, long qkv_stride, const float *cosv, const float *sinv,
                       float *kt, float *v, const float *mask, long mask_stride, float *out,
-                      int B, int Hq, int Hkv, const int D, int pos, int cap) {
+                      int B, int Hq, int Hkv, const int D, int pos, int cap, float *scratch, int max_threads) {
     const int group = Hq / Hkv, half = D / 2, L = pos + 1;
     const long tab = (long)(Hq + Hkv) * D;
-#pragma omp parallel for schedule(static) if (B * Hkv >= 4)
+#pragma omp parallel for schedule(static) if (B * Hkv >= 4) num_threads(max_threads)
     for (long item = 0; item < (long)B * Hkv; item++) {
         const long b = item / Hkv;
         const int h = (int)(item % Hkv);
@@ -54,7 +54,7 @@ decode_attention_impl(const float *qkv, long qkv_stride, const float *cosv, cons
             ktb[(long)d * cap + pos] = k[d] * ck[d] + sw * sk[d];
             vb[(long)pos * D + d] = vn[d];
         }
-        float scores[L], q[D], acc[D];
+        float *scores = scratch + (long)omp_get_thread_num() * cap, q[D], acc[D];
         const float *m = mask ? mask + b * mask_stride : 0;
         for (int g = 0; g < group; g++) {
             const int qh = h * group + g;
@@ -87,15 +87,19 @@ decode_attention_impl(const float *qkv, long qkv_stride, const float *cosv, cons
 
 void decode_attention(const float *qkv, long qkv_stride, const float *cosv, const float *sinv,
                       float *kt, float *v, const float *mask, long mask_stride, float *out,
-                      int B, int Hq, int Hkv, int D, int pos, int cap) {
+                      int B, int Hq, int Hkv, int D, int pos, int cap, float *scratch, int max_threads) {
     if (D == 32)
-        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 32, pos, cap);
+        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 32, pos, cap, scratch,
+                              max_threads);
     else if (D == 64)
-        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 64, pos, cap);
+        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 64, pos, cap, scratch,
+                              max_threads);
     else if (D == 128)
-        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 128, pos, cap);
+        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, 128, pos, cap, scratch,
+                              max_threads);
     else
-        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, D, pos, cap);
+        decode_attention_impl(qkv, qkv_stride, cosv, sinv, kt, v, mask, mask_stride, out, B, Hq, Hkv, D, pos, cap, scratch,
+                              max_threads);
 }
 
 

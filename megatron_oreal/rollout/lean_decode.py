@@ -118,6 +118,7 @@ class LeanDecoder:
         self._ptrs: list[int] = []
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._native = native.kernels()  # None: no compiler, or turned off (the PyTorch `_attend` then)
+        self._scratch: torch.Tensor | None = None  # the kernel's per-thread score rows
         self.refresh()
 
     def _linears(self):
@@ -192,12 +193,20 @@ class LeanDecoder:
     def _attend_native(self, lib, qkv, cos, sin, cache_layer, key_mask) -> torch.Tensor:
         """`_attend` in one fused kernel (native.decode_attention, fp32): the same values up to round-off."""
         bsz = qkv.shape[0]
+        if not (qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+                and (key_mask is None or (key_mask.stride(-1) == 1 and key_mask.shape[-1] > cache_layer.length))):
+            return self._attend(qkv, cos, sin, cache_layer, key_mask)
         kt, v, pos = cache_layer.reserve_step()
         out = qkv.new_empty(bsz, self.q_heads * self.head_dim)
         mask_ptr, mask_stride = (None, 0) if key_mask is None else (key_mask.data_ptr(), key_mask.stride(0))
+        threads = torch.get_num_threads()
+        cap = kt.shape[-1]
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < threads * cap:
+            scratch = self._scratch = qkv.new_empty(threads * cap)
         lib.decode_attention(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), kt.data_ptr(),
                              v.data_ptr(), mask_ptr, mask_stride, out.data_ptr(), bsz, self.q_heads, self.kv_heads,
-                             self.head_dim, pos, kt.shape[-1])
+                             self.head_dim, pos, cap, scratch.data_ptr(), threads)
         return out
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, cache_layers, key_mask: torch.Tensor | None) -> torch.Tensor:

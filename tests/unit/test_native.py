@@ -152,7 +152,7 @@ def test_decode_attention_matches_torch_and_writes_the_cache(kernels):
         return layer
 
     dec = LeanDecoder.__new__(LeanDecoder)  # only the shapes are read by the attention step
-    dec.head_dim, dec.q_heads, dec.kv_heads = d, hq, hkv
+    dec.head_dim, dec.q_heads, dec.kv_heads, dec._scratch = d, hq, hkv, None
     a, b_ = cache(), cache()
     for key_mask in (mask, None):
         got = dec._attend_native(kernels, qkv, cos, sin, a, key_mask)
