@@ -16,7 +16,8 @@ real query at slot position i only sees keys 0..i, all real. Padded queries see 
 outputs are never read (and so get no gradient).
 
 At TP = PP = 1 `LocalGPTModel` sends packed rows through lean_forward.py instead, which attends the
-same slots in the same buckets with its own batched matmuls; this module serves TP/PP > 1.
+same slots (in the native C kernel when it loads, else in the same buckets with its own batched
+matmuls); this module serves TP/PP > 1.
 
 The row reaches this module as `PackedSeqParams(qkv_format="sbhd", ...)` with `slots` and
 `rope_positions` attached (MicroBatch.local_packed_seq_params). `LocalGPTModel` rotates each token by

@@ -3,12 +3,13 @@
 Why: on the CPU path the tiny model's step is bound by memory passes, not arithmetic. A decode step's
 attention in PyTorch is about ten ops per layer (rotate q and k, append k and v to the cache, two
 batched matmuls, mask, softmax), each a full pass over its operands; `decode_attention` does it in one
-pass per row (README, "Measured", has the figures).
+pass per row. Measured on the `grpo` rung (in process, calls alternating with the PyTorch code):
+generate 0.80x, the update 0.88x; one layer's slot attention forward + backward 5.2 -> 3.3 ms.
 
 How: `kernels()` compiles cpu_kernels.c with `cc -O3 -march=native -fopenmp -shared` into a cache
 (`$MEGATRON_OREAL_CACHE/native` or `~/.cache/megatron-oreal/native`, keyed by the source, the
 compiler, its flags and this CPU's model and flags, so an NFS home shared by different CPUs keeps one
-build per CPU kind) and loads it with ctypes: about 0.3 s the first time, a dlopen afterwards.
+build per CPU kind) and loads it with ctypes: about 1 s the first time, a dlopen afterwards.
 No PyTorch headers are involved, so the build does not depend on the torch version. `-fopenmp` links
 `libgomp.so.1`, which resolves to the copy torch has already loaded, so the kernels share torch's
 OpenMP threads (and `torch.set_num_threads`).

@@ -5,7 +5,10 @@ calls, hooks, mask and cache plumbing, kwargs checks: 1.5 ms at 1 row on the tin
 This step does the same arithmetic with about a third of the ops: one fused q/k/v matmul, rope on q
 and k together from a cos/sin table, attention written directly against the engine's preallocated
 (transposed-key) cache, one fused gate/up matmul, residual adds inside addmm. At 128+ rows the
-matmuls dominate and the gain shrinks (tests/unit/rollout/bench_cpu_engine.py --step-table).
+matmuls dominate and the gain shrinks (tests/unit/rollout/bench_cpu_engine.py --step-table). With the
+native kernels (megatron_oreal.native; fp32) the attention part, from rotating q and k to the output,
+is one C call per layer (`_attend_native`; `grpo` generate 0.80x in an in-process A/B); `_attend` is
+the PyTorch code it replaces.
 
 Covered, checked once by `unsupported_reason` (anything else keeps the HF forward; the CPU engine
 chooses at construction): exactly `Qwen2ForCausalLM` or `LlamaForCausalLM` (SmolLM2 is Llama) with
