@@ -14,8 +14,8 @@ row (logits [1, L, V] or the token RM's scores [1, L, 1]) up to float round-off,
 parameter objects, so DDP's gradient hooks, the optimizer and ReferenceWeights see no difference:
 - embedding, final norm and output layer are the model's modules, called as Megatron calls them;
 - each layer is RMSNorm -> fused q/k/v matmul -> RoPE on q and k by each token's position in its
-  sequence -> causal attention within each slot (packing.py's slots) -> output projection with the residual added inside addmm -> RMSNorm -> fc1 ->
-  SwiGLU -> fc2 with the residual added inside addmm;
+  sequence -> causal attention within each slot (packing.py's slots) -> output projection with the
+  residual added inside addmm -> RMSNorm -> fc1 -> SwiGLU -> fc2 with the residual added inside addmm;
 - autograd Functions (`_RMSNorm`, `_SwiGLU`, `_SlotAttention` / `_NativeSlotAttention`) have
   hand-written backwards that write each gradient once, where autograd would zero-fill and
   accumulate per slice.
@@ -59,8 +59,9 @@ def _kernels(*tensors: Tensor):
 
 
 class _RMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x [N, H]. The forward is torch.nn.RMSNorm's
-    own fused kernel (which also returns rsqrt); the backward is 7 ops instead of the composite's ~12."""
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x [N, H]. With the native kernels, one pass
+    each way; otherwise the forward is torch.nn.RMSNorm's own fused kernel (which also returns rsqrt)
+    and the backward 7 ops instead of the composite's ~12."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -107,6 +108,7 @@ class _SwiGLU(torch.autograd.Function):
             lib.swiglu_forward(fc1.data_ptr(), out.data_ptr(), fc1.shape[0], out.shape[1])
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(fc1)
+                ctx.lib = lib
             return out
         gate, up = fc1.chunk(2, dim=-1)
         act = F.silu(gate)
@@ -121,7 +123,7 @@ class _SwiGLU(torch.autograd.Function):
         grad = grad.contiguous()
         if not act:  # the native forward ran
             out = torch.empty_like(fc1)
-            native.kernels().swiglu_backward(grad.data_ptr(), fc1.data_ptr(), out.data_ptr(), fc1.shape[0],
+            ctx.lib.swiglu_backward(grad.data_ptr(), fc1.data_ptr(), out.data_ptr(), fc1.shape[0],
                                              grad.shape[1])
             return out
         act = act[0]
@@ -329,18 +331,17 @@ class _NativeSlotAttention(torch.autograd.Function):
                                    owner.data_ptr(), segs.data_ptr(), segs.numel() - 1, width, groups, per_group,
                                    head_dim, scale, out.data_ptr(), lse.data_ptr(), scratch.data_ptr(), threads)
         ctx.save_for_backward(*tables, rows, out, lse)
-        ctx.meta = (plan, groups, per_group, head_dim, scale)
+        ctx.meta = (lib, plan, groups, per_group, head_dim, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         big_c, big_s, rows, out, lse = ctx.saved_tensors
-        (slots, lens, owner, segs), groups, r, d, scale = ctx.meta
+        lib, (slots, lens, owner, segs), groups, r, d, scale = ctx.meta
         grad = grad.contiguous()
         width = slots.shape[1]
         dvec = torch.zeros_like(rows)
         threads = torch.get_num_threads()
-        lib = native.kernels()
         scratch = rows.new_empty(threads, lib.slot_scratch_floats(width, d))
         lib.slot_attention_backward(
             rows.data_ptr(), rows.stride(0), slots.data_ptr(), lens.data_ptr(), owner.data_ptr(), segs.data_ptr(),
