@@ -167,18 +167,25 @@ def test_user_scancel_is_not_requeued(slurm_cluster, jobs, tmp_path):
 
 
 
-def _tiny_assets(root: Path) -> Path:
-    """The e2e tests' tiny run, 5 steps, checkpoint every step, no periodic eval."""
+def _tiny_assets(root: Path, steps: int = 5) -> Path:
+    """The e2e tests' tiny run, `steps` steps, checkpoint every step, no periodic eval."""
     from helpers.tiny_run import write_tiny_run
 
-    return write_tiny_run(root, steps=5, eval_rows=4, eval_every=0, html_every=0)
+    return write_tiny_run(root, steps=steps, eval_rows=4, eval_every=0, html_every=0)
+
+
+# Long enough that the USR1 sent after the first checkpoint lands before the run ends: a step and its
+# checkpoint take ~0.3 s here, and with 5 steps the signal once arrived after the last one (the run
+# finished normally; the fused CPU kernels had made the steps faster).
+PREEMPTED_RUN_STEPS = 12
 
 
 def test_real_trainer_preempted_requeued_resumes(slurm_cluster, jobs, tmp_path):
     """The real `python -m megatron_oreal train` through tiny_cpu.sbatch (2 ranks): USR1 after the first
     checkpoint -> stop at a step boundary, checkpoint, exit 75, requeue -> resume from that step -> finish."""
     t0 = time.monotonic()
-    cfg = _tiny_assets(tmp_path)
+    steps = PREEMPTED_RUN_STEPS
+    cfg = _tiny_assets(tmp_path, steps)
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=pythonpath(REPO))
     env.pop("OREAL_TRAIN_CMD", None)  # the script's own command
@@ -199,10 +206,10 @@ def test_real_trainer_preempted_requeued_resumes(slurm_cluster, jobs, tmp_path):
     m = re.search(r"SIGUSR1 received: checkpoint written at step (\d+), exiting with code (\d+)", text)
     assert m, text
     stopped = int(m.group(1))
-    assert 1 <= stopped < 5 and int(m.group(2)) == EXIT_PREEMPTED
+    assert 1 <= stopped < steps and int(m.group(2)) == EXIT_PREEMPTED
     assert f"Exited with exit code {EXIT_PREEMPTED}" in text  # srun saw the documented code on the ranks
     assert "requeued Slurm job" in text and "restart 1:" in text
     assert re.search(rf"resumed from \S+step_{stopped:06d} at step {stopped}", text), text
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 5 and latest.read_text().strip() == "step_000005"
+    assert summary["steps"] == steps and latest.read_text().strip() == f"step_{steps:06d}"
     print(f"real tiny trainer, preempted at step {stopped} and resumed: {time.monotonic() - t0:.1f} s")
