@@ -104,8 +104,12 @@ void decode_attention(const float *qkv, long qkv_stride, const float *cosv, cons
 
 
 /* RMSNorm forward over rows: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps); x, y [N, H]. */
+/* Threads only above torch's own grain size for elementwise work (32 k elements): below it a parallel
+ * region costs more than it saves (the decode step's [rows, hidden] tensors). */
+#define PAR_GRAIN 32768L
+
 void rms_norm_forward(const float *x, const float *w, float eps, float *y, float *rstd, long N, int H) {
-#pragma omp parallel for schedule(static) if (N >= 64)
+#pragma omp parallel for schedule(static) if (N * H >= PAR_GRAIN)
     for (long i = 0; i < N; i++) {
         const float *xr = x + i * H;
         float *yr = y + i * H;
@@ -126,7 +130,7 @@ void rms_norm_forward(const float *x, const float *w, float eps, float *y, float
 void rms_norm_backward(const float *grad, const float *x, const float *rstd, const float *w, float *dx,
                        float *dw, float *scratch, int max_threads, long N, int H) {
     int used = 1;
-#pragma omp parallel if (N >= 64) num_threads(max_threads)
+#pragma omp parallel if (N * H >= PAR_GRAIN) num_threads(max_threads)
     {
         const int t = omp_get_thread_num();
 #pragma omp single
@@ -159,7 +163,7 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 /* SwiGLU forward: out [N, F] = silu(gate) * up for fc1 [N, 2F] = [gate | up] per row. */
 void swiglu_forward(const float *fc1, float *out, long N, int F) {
-#pragma omp parallel for schedule(static) if (N >= 32)
+#pragma omp parallel for schedule(static) if (N * F >= PAR_GRAIN)
     for (long i = 0; i < N; i++) {
         const float *g = fc1 + i * 2 * F, *u = g + F;
         float *o = out + i * F;
@@ -171,7 +175,7 @@ void swiglu_forward(const float *fc1, float *out, long N, int F) {
 /* SwiGLU backward: d [N, 2F] = [grad * up * silu'(gate) | grad * silu(gate)],
  * silu'(x) = s * (1 + x * (1 - s)) with s = sigmoid(x). */
 void swiglu_backward(const float *grad, const float *fc1, float *d, long N, int F) {
-#pragma omp parallel for schedule(static) if (N >= 32)
+#pragma omp parallel for schedule(static) if (N * F >= PAR_GRAIN)
     for (long i = 0; i < N; i++) {
         const float *g = fc1 + i * 2 * F, *u = g + F, *gr = grad + i * F;
         float *dg = d + i * 2 * F, *du = dg + F;
@@ -189,7 +193,7 @@ void swiglu_backward(const float *grad, const float *fc1, float *d, long N, int 
 void rope_rotate(const float *src, long src_stride, const float *C, const float *S, float sign, float *out,
                  long out_stride, long N, int F, int D) {
     const int half = D / 2;
-#pragma omp parallel for schedule(static) if (N >= 64)
+#pragma omp parallel for schedule(static) if (N * F >= PAR_GRAIN)
     for (long i = 0; i < N; i++) {
         const float *s = src + i * src_stride, *c = C + i * F, *sn = S + i * F;
         float *o = out + i * out_stride;

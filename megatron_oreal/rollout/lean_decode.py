@@ -7,8 +7,9 @@ and k together from a cos/sin table, attention written directly against the engi
 (transposed-key) cache, one fused gate/up matmul, residual adds inside addmm. At 128+ rows the
 matmuls dominate and the gain shrinks (tests/unit/rollout/bench_cpu_engine.py --step-table). With the
 native kernels (megatron_oreal.native; fp32) the attention part, from rotating q and k to the output,
-is one C call per layer (`_attend_native`; `grpo` generate 0.80x in an in-process A/B); `_attend` is
-the PyTorch code it replaces.
+is one C call per layer (`_attend_native`; `grpo` generate 0.80x in an in-process A/B; `_attend` is
+the PyTorch code it replaces), and so are each RMSNorm and the SwiGLU (`_norm`, `_swiglu`: a further
+0.88x, in-process A/B against their PyTorch ops).
 
 Covered, checked once by `unsupported_reason` (anything else keeps the HF forward; the CPU engine
 chooses at construction): exactly `Qwen2ForCausalLM` or `LlamaForCausalLM` (SmolLM2 is Llama) with
@@ -94,11 +95,17 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, bias
 
 
-def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float], lib=None) -> torch.Tensor:
     """HF Qwen2/Llama RMSNorm, `norm` = (its weight, its eps): fp32 statistics, cast back, then the weight
     (F.rms_norm without a weight is HF's fp32 formula in one op; bit-equal in fp32, measured). fp32 input
-    skips the two casts, which would return x itself but still cost a dispatch each."""
+    skips the two casts, which would return x itself but still cost a dispatch each. With the native
+    kernels (`lib`, fp32 only) one pass (native.rms_norm_forward), equal up to round-off."""
     weight, eps = norm
+    if lib is not None and x.is_contiguous() and weight.dtype == torch.float32 and weight.is_contiguous():
+        y, rstd = torch.empty_like(x), x.new_empty(x.shape[0])
+        lib.rms_norm_forward(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), rstd.data_ptr(), x.shape[0],
+                             x.shape[1])
+        return y
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], None, eps) * weight
     return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
@@ -224,19 +231,28 @@ class LeanDecoder:
             cos, sin = self._rope(h, positions[:, None])
         native = self._native if h.dtype == torch.float32 else None
         for (in_norm, qkv_wt, qkv_b, gu_wt, gu_b, o_wt, o_b, post_norm, down_wt, down_b), cl in zip(self.layers, cache_layers):
-            x = _norm(h, in_norm)
+            x = _norm(h, in_norm, native)
             qkv = torch.addmm(qkv_b, x, qkv_wt) if qkv_b is not None else torch.mm(x, qkv_wt)
             if native is not None:
                 out = self._attend_native(native, qkv, cos, sin, cl, key_mask)
             else:
                 out = self._attend(qkv, cos, sin, cl, key_mask)
             h = _residual(h, out, o_wt, o_b)
-            x = _norm(h, post_norm)
+            x = _norm(h, post_norm, native)
             gu = torch.addmm(gu_b, x, gu_wt) if gu_b is not None else torch.mm(x, gu_wt)
-            inter = gu.shape[1] // 2
-            h = _residual(h, F.silu(gu[:, :inter]).mul_(gu[:, inter:]), down_wt, down_b)
-        h = _norm(h, self._final_norm)
+            h = _residual(h, _swiglu(gu, native), down_wt, down_b)
+        h = _norm(h, self._final_norm, native)
         return F.linear(h, *self._head)
+
+
+def _swiglu(gu: torch.Tensor, lib=None) -> torch.Tensor:
+    """silu(gate) * up for gu [B, 2I] = [gate | up]; with the native kernels (fp32) one pass."""
+    inter = gu.shape[1] // 2
+    if lib is not None and gu.is_contiguous():
+        out = gu.new_empty(gu.shape[0], inter)
+        lib.swiglu_forward(gu.data_ptr(), out.data_ptr(), gu.shape[0], inter)
+        return out
+    return F.silu(gu[:, :inter]).mul_(gu[:, inter:])
 
 
 def _norm_of(module) -> tuple[torch.Tensor, float]:
