@@ -447,7 +447,7 @@ def lean_forward(model, input_ids: Tensor, params) -> Tensor:
     angles = params.rope_positions.to(inv_freq.device, inv_freq.dtype)[:, None] * inv_freq[None]
     tables = rope_tables(angles.cos().to(c.params_dtype), angles.sin().to(c.params_dtype), groups, per_group)
     scale = model.decoder.layers[0].self_attention.core_attention.softmax_scale
-    if _kernels(input_ids.new_empty(0, dtype=c.params_dtype)) is not None:
+    if native.kernels() is not None:  # covered models are fp32 on the CPU (`unsupported_reason`)
         plan = _row_cache(params, "native", lambda: native_slot_plan(params.slots, params.cu_seqlens_q, n_rows))
 
         def attend(qkv):

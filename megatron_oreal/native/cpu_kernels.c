@@ -103,11 +103,12 @@ void decode_attention(const float *qkv, long qkv_stride, const float *cosv, cons
 }
 
 
-/* RMSNorm forward over rows: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps); x, y [N, H]. */
 /* Threads only above torch's own grain size for elementwise work (32 k elements): below it a parallel
  * region costs more than it saves (the decode step's [rows, hidden] tensors). */
 #define PAR_GRAIN 32768L
 
+/* RMSNorm forward over rows: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps); x, y [N, H]; rstd [N]
+ * is stored for the backward unless NULL (inference). */
 void rms_norm_forward(const float *x, const float *w, float eps, float *y, float *rstd, long N, int H) {
 #pragma omp parallel for schedule(static) if (N * H >= PAR_GRAIN)
     for (long i = 0; i < N; i++) {
@@ -117,7 +118,7 @@ void rms_norm_forward(const float *x, const float *w, float eps, float *y, float
 #pragma omp simd reduction(+ : ss)
         for (int j = 0; j < H; j++) ss += xr[j] * xr[j];
         const float r = 1.0f / sqrtf(ss / H + eps);
-        rstd[i] = r;
+        if (rstd) rstd[i] = r;
 #pragma omp simd
         for (int j = 0; j < H; j++) yr[j] = xr[j] * r * w[j];
     }

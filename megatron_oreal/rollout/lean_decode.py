@@ -102,9 +102,8 @@ def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float], lib=None) -> torch.
     kernels (`lib`, fp32 only) one pass (native.rms_norm_forward), equal up to round-off."""
     weight, eps = norm
     if lib is not None and x.is_contiguous() and weight.dtype == torch.float32 and weight.is_contiguous():
-        y, rstd = torch.empty_like(x), x.new_empty(x.shape[0])
-        lib.rms_norm_forward(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), rstd.data_ptr(), x.shape[0],
-                             x.shape[1])
+        y = torch.empty_like(x)
+        lib.rms_norm_forward(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), None, x.shape[0], x.shape[1])
         return y
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], None, eps) * weight
